@@ -1,0 +1,159 @@
+use std::collections::HashMap;
+
+use super::*;
+
+fn error_of(yaml: &str) -> String {
+    Config::from_yaml(yaml)
+        .expect_err("config must be rejected")
+        .to_string()
+}
+
+#[test]
+fn empty_file_is_embedded_default() {
+    let config = Config::from_yaml("").expect("empty config is valid");
+    assert_eq!(config, Config::default());
+    assert_eq!(config.outbound.listen.to_string(), DEFAULT_OUTBOUND_LISTEN);
+    assert_eq!(config.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+    assert!(config.routes.is_empty());
+}
+
+#[test]
+fn full_route_parses_with_defaults() {
+    let config = Config::from_yaml(
+        r#"
+routes:
+  - name: orders-shadow
+    match:
+      host: "orders*"
+      port: 8080
+      path_prefix: /api/
+      methods: [POST, PUT]
+      headers: {x-env: canary}
+    mirror:
+      to: http://127.0.0.1:9090
+"#,
+    )
+    .expect("valid route");
+    let mirror = config.routes[0].mirror.as_ref().expect("mirror section");
+    assert_eq!(mirror.percent, 100.0, "a missing percent means 100");
+    assert_eq!(mirror.timeout, DEFAULT_MIRROR_TIMEOUT);
+    assert_eq!(mirror.max_in_flight, DEFAULT_MIRROR_MAX_IN_FLIGHT);
+    assert_eq!(mirror.max_body_bytes, DEFAULT_MIRROR_MAX_BODY_BYTES);
+    assert!(!config.routes[0].match_.tagged);
+}
+
+#[test]
+fn unknown_key_is_rejected() {
+    let error = error_of("outbound: {listen: 127.0.0.1:4140, lsten: x}");
+    assert!(error.contains("unknown field `lsten`"), "{error}");
+}
+
+#[test]
+fn invalid_values_name_field() {
+    let cases = [
+        (
+            "routes: [{name: a, mirror: {to: 'ftp://x', percent: 1}}]",
+            "routes[0].mirror.to",
+        ),
+        (
+            "routes: [{name: a, mirror: {to: 'http://x:1', percent: 101}}]",
+            "routes[0].mirror.percent",
+        ),
+        (
+            "routes: [{name: a, mirror: {to: 'http://x:1', max_in_flight: 0}}]",
+            "routes[0].mirror.max_in_flight",
+        ),
+        (
+            "routes: [{name: 'a b', mirror: {to: 'http://x:1'}}]",
+            "routes[0].name",
+        ),
+        (
+            "routes: [{name: a, match: {methods: [get]}, mirror: {to: 'http://x:1'}}]",
+            "routes[0].match.methods[0]",
+        ),
+        (
+            "routes: [{name: a, match: {path_prefix: api}, mirror: {to: 'http://x:1'}}]",
+            "routes[0].match.path_prefix",
+        ),
+        (
+            "routes: [{name: a, match: {host: 'a[b'}, mirror: {to: 'http://x:1'}}]",
+            "routes[0].match.host",
+        ),
+        ("routes: [{name: a}]", "routes[0]"),
+        (
+            "routes: [{name: a, mirror: {to: 'http://x:1'}}, {name: a, mirror: {to: 'http://x:1'}}]",
+            "routes[1].name",
+        ),
+        ("outbound: {default_target: 'nohost'}", "outbound.default_target"),
+        ("outbound: {max_request_header_bytes: 10}", "outbound.max_request_header_bytes"),
+        ("outbound: {idle_timeout: 0s}", "outbound.idle_timeout"),
+        ("log: {level: 'info,,=x['}", "log.level"),
+    ];
+    for (yaml, field) in cases {
+        let error = error_of(yaml);
+        assert!(
+            error.contains(field),
+            "error for {yaml:?} must name {field}: {error}"
+        );
+        assert!(
+            error.contains("expected"),
+            "error for {yaml:?} must say what is expected: {error}"
+        );
+    }
+}
+
+#[test]
+fn bad_duration_says_expected_form() {
+    let error = error_of("drain_timeout: soon");
+    assert!(error.contains("\"soon\""), "{error}");
+    assert!(error.contains("500ms"), "{error}");
+}
+
+#[test]
+fn env_overrides_apply() {
+    let env: HashMap<&str, &str> = [
+        (ENV_OUTBOUND_LISTEN, "127.0.0.1:5140"),
+        (ENV_ADMIN_LISTEN, "127.0.0.1:5191"),
+        (ENV_OUTBOUND_DEFAULT_TARGET, "backend:80"),
+        (ENV_DRAIN_TIMEOUT, "3s"),
+        (ENV_LOG, "debug"),
+        (ENV_LOG_FORMAT, "json"),
+    ]
+    .into_iter()
+    .collect();
+    let mut config = Config::default();
+    config
+        .apply_env(|name| env.get(name).map(|v| v.to_string()))
+        .expect("valid overrides");
+    assert_eq!(config.outbound.listen.to_string(), "127.0.0.1:5140");
+    assert_eq!(config.admin.listen.to_string(), "127.0.0.1:5191");
+    assert_eq!(
+        config.outbound.default_target.as_deref(),
+        Some("backend:80")
+    );
+    assert_eq!(config.drain_timeout, Duration::from_secs(3));
+    assert_eq!(config.log.level, "debug");
+    assert_eq!(config.log.format, LogFormat::Json);
+}
+
+#[test]
+fn bad_env_override_names_variable() {
+    let mut config = Config::default();
+    let error = config
+        .apply_env(|name| (name == ENV_OUTBOUND_LISTEN).then(|| "nowhere".to_string()))
+        .expect_err("an invalid address is rejected");
+    let message = error.to_string();
+    assert!(message.contains(ENV_OUTBOUND_LISTEN), "{message}");
+    assert!(message.contains("nowhere"), "{message}");
+}
+
+#[test]
+fn effective_config_round_trips() {
+    let config = Config::from_yaml(
+        "routes: [{name: a, mirror: {to: 'http://127.0.0.1:9090', timeout: 1500ms}}]",
+    )
+    .expect("valid config");
+    let yaml = serde_yaml_ng::to_string(&config).expect("serializes");
+    let again = Config::from_yaml(&yaml).expect("printed config parses again");
+    assert_eq!(again, config);
+}
