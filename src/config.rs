@@ -15,9 +15,11 @@ pub const DEFAULT_OUTBOUND_LISTEN: &str = "127.0.0.1:4140";
 /// Time a new connection gets to send its first bytes before it is treated
 /// as opaque TCP. Server-speaks-first protocols pay this once per connection.
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Same order as nginx's `client_header_timeout` (60s) but shorter, because
-/// the client is a local application, not a remote browser.
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Same as nginx's `client_header_timeout`. hyper (1.x) also runs this timer
+/// while an HTTP/1.1 keep-alive connection waits for its next request, so it
+/// bounds idle HTTP/1.1 connections too; a short value would close the idle
+/// pooled connections of ordinary clients.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,7 +31,8 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_MIRROR_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_MIRROR_MAX_IN_FLIGHT: usize = 512;
-/// hyper rejects a read buffer smaller than this many bytes.
+/// Smallest accepted header limit: common browsers and gRPC clients send
+/// heads up to 8 KiB, and so does nginx's default `large_client_header_buffers`.
 const MIN_HEADER_BYTES: usize = 8192;
 
 /// The request header that tags a call for dispatch or suppresses it.

@@ -41,7 +41,7 @@ enum Command {
     /// between them, send traffic and print what each side received.
     Demo {
         /// How long to send traffic, such as 3s.
-        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
         /// Keep the proxy and its admin endpoint running after the summary,
         /// until Ctrl-C.

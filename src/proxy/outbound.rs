@@ -117,7 +117,7 @@ impl Outbound {
                 let connection = conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(self.config.header_read_timeout)
-                    .max_buf_size(self.config.max_request_header_bytes)
+                    .max_header_size(self.config.max_request_header_bytes)
                     .serve_connection(io, service)
                     .with_upgrades();
                 self.drive(connection, &activity, drain, peer).await;
