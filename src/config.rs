@@ -31,8 +31,8 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_MIRROR_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_MIRROR_MAX_IN_FLIGHT: usize = 512;
-/// Smallest accepted header limit: common browsers and gRPC clients send
-/// heads up to 8 KiB, and so does nginx's default `large_client_header_buffers`.
+/// Smallest accepted header limit. Below it ordinary requests would fail:
+/// nginx's default `large_client_header_buffers` allows 8 KiB per header line.
 const MIN_HEADER_BYTES: usize = 8192;
 
 /// The request header that tags a call for dispatch or suppresses it.

@@ -320,10 +320,9 @@ pub fn tls_config(
 ) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for cert in extra_roots {
-        // A certificate that fails to parse was already rejected when the
-        // config was loaded, so errors here cannot happen.
-        let _ = roots.add(cert.clone());
+    let (_, ignored) = roots.add_parsable_certificates(extra_roots.iter().cloned());
+    if ignored > 0 {
+        tracing::warn!(ignored, "ignored trust roots that failed to parse");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ClientConfig::builder_with_provider(provider)
