@@ -28,6 +28,9 @@ pub enum ShedReason {
     Timeout,
     /// No connection to the secondary could be made.
     ConnectFailed,
+    /// A recent connection attempt to the secondary failed, so the copy was
+    /// shed without another attempt until the backoff passes.
+    Unavailable,
     /// The connection to the secondary failed after it was made.
     UpstreamError,
     /// The proxy stopped before the copy was sent.
@@ -42,6 +45,7 @@ impl ShedReason {
             ShedReason::BodyIncomplete => "body_incomplete",
             ShedReason::Timeout => "timeout",
             ShedReason::ConnectFailed => "connect_failed",
+            ShedReason::Unavailable => "unavailable",
             ShedReason::UpstreamError => "upstream_error",
             ShedReason::Shutdown => "shutdown",
         }

@@ -1,5 +1,6 @@
 //! Binds the listeners, builds the outbound stack and drains on shutdown.
 
+pub mod backoff;
 pub mod body;
 pub mod client;
 pub mod detect;
