@@ -96,10 +96,17 @@ fn run(
     workers: Option<usize>,
     main: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
-        builder.worker_threads(workers.max(1));
-    }
+    // One worker runs everything on the main thread: no work-stealing
+    // scheduler, no cross-thread wake-ups, which is cheaper per request.
+    let mut builder = match workers {
+        Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = builder
         .enable_all()
         .thread_name("tandem-worker")
