@@ -15,8 +15,8 @@ use tandem::config::Config;
 struct Cli {
     /// Tokio worker threads (like Envoy's --concurrency); defaults to the
     /// number of CPUs.
-    #[arg(long, global = true, env = "TANDEM_WORKERS")]
-    workers: Option<usize>,
+    #[arg(long, global = true, env = "TANDEM_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -99,10 +99,10 @@ fn run(
     // One worker runs everything on the main thread: no work-stealing
     // scheduler, no cross-thread wake-ups, which is cheaper per request.
     let mut builder = match workers {
-        Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(workers) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(workers);
+            builder.worker_threads(usize::from(workers));
             builder
         }
         None => tokio::runtime::Builder::new_multi_thread(),
