@@ -93,7 +93,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(
-    workers: Option<usize>,
+    workers: Option<u16>,
     main: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
     // One worker runs everything on the main thread: no work-stealing
