@@ -529,21 +529,40 @@ fn validate_secondary_url(field: &str, value: &str) -> Result<(), ConfigError> {
 
 /// Serde support for durations written as `500ms`, `2s` or `1m`.
 mod duration {
-    use std::time::Duration;
+    use std::{fmt, time::Duration};
 
-    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use serde::{
+        de::{Error, Visitor},
+        Deserializer, Serializer,
+    };
 
     pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&humantime::format_duration(*value).to_string())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(|_| {
-            D::Error::custom(format!(
-                "invalid duration {text:?}: expected a number with a unit, such as 500ms, 2s or 1m"
-            ))
-        })
+        // The text is parsed inside the visitor, while the deserializer still
+        // handles this value, so serde_yaml_ng tags a parse error with the
+        // field's own path (`routes[0].mirror.timeout`, not `routes[0].mirror`).
+        deserializer.deserialize_str(DurationVisitor)
+    }
+
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as 500ms, 2s or 1m")
+        }
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<Duration, E> {
+            humantime::parse_duration(text).map_err(|_| {
+                E::custom(format!(
+                    "invalid duration {text:?}: expected a number with a unit, such as 500ms, 2s or 1m"
+                ))
+            })
+        }
     }
 }
 

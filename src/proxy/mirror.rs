@@ -27,8 +27,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use super::{
+    backoff::ConnectBackoff,
     body::BufferedBody,
-    client::{BoxBody, BoxError, Client, ClientError, Endpoint, Proto},
+    client::{BoxBody, BoxError, Client, Endpoint, Proto},
     forward::upstream_uri,
     metrics::{Metrics, ShedReason},
     target::MatchedRoute,
@@ -58,6 +59,7 @@ pub struct MirrorTarget {
     permits: Arc<Semaphore>,
     in_flight: IntGauge,
     resolved: Mutex<Option<(Vec<std::net::SocketAddr>, Instant)>>,
+    backoff: ConnectBackoff,
 }
 
 /// The parts of the primary request that a copy repeats.
@@ -91,22 +93,27 @@ impl Dispatcher {
             return request;
         };
         let target = Arc::clone(mirror);
-        let route_name = route.name.clone();
+        let route_name = route.name.as_str();
         let mode = route.mode().as_str();
         if !sampled(target.route.mirror.percent, request.headers()) {
             return request;
         }
 
-        self.metrics.record_due(&route_name, mode);
+        self.metrics.record_due(route_name, mode);
         let limit = target.route.mirror.max_body_bytes;
         if content_length(request.headers()).is_some_and(|len| len > limit as u64) {
             self.metrics
-                .record_shed(&route_name, mode, ShedReason::BodyTooLarge);
+                .record_shed(route_name, mode, ShedReason::BodyTooLarge);
+            return request;
+        }
+        if target.backoff.is_backing_off(Instant::now()) {
+            self.metrics
+                .record_shed(route_name, mode, ShedReason::Unavailable);
             return request;
         }
         let Ok(permit) = Arc::clone(&target.permits).try_acquire_owned() else {
             self.metrics
-                .record_shed(&route_name, mode, ShedReason::Overloaded);
+                .record_shed(route_name, mode, ShedReason::Overloaded);
             return request;
         };
 
@@ -192,6 +199,7 @@ impl MirrorTarget {
             tls,
             in_flight,
             resolved: Mutex::new(None),
+            backoff: ConnectBackoff::default(),
         }
     }
 
@@ -412,7 +420,10 @@ async fn deliver(
     head: CopyHead,
     body: BufferedBody,
 ) -> Result<StatusCode, ShedReason> {
-    let addr = target.resolve().await?;
+    let addr = target
+        .resolve()
+        .await
+        .inspect_err(|_| target.backoff.record_failure(Instant::now()))?;
     let request = target.build_request(head, body);
     let endpoint = Endpoint {
         addr,
@@ -421,11 +432,14 @@ async fn deliver(
     };
     let response = client.send(&endpoint, request).await.map_err(|error| {
         tracing::debug!(%error, "mirror request failed");
-        match error {
-            ref e if e.is_connect() => ShedReason::ConnectFailed,
-            ClientError::Http { .. } | _ => ShedReason::UpstreamError,
+        if error.is_connect() {
+            target.backoff.record_failure(Instant::now());
+            ShedReason::ConnectFailed
+        } else {
+            ShedReason::UpstreamError
         }
     })?;
+    target.backoff.record_success();
     let status = response.status();
     // Reading the body to its end lets the connection go back to the pool.
     // A body that fails midway still counts as delivered: the secondary got
@@ -465,9 +479,10 @@ where
                         copy.slot.shed(ShedReason::BodyTooLarge);
                     }
                 }
-                // hyper stops polling a body that reports its end, so the
-                // copy is complete as soon as that happens.
-                if this.inner.is_end_stream() {
+                // hyper stops polling a body that reports its end, and after
+                // trailers, which are always the last frame, so the copy is
+                // complete as soon as either happens.
+                if frame.is_trailers() || this.inner.is_end_stream() {
                     if let Some(copy) = this.copy.take() {
                         copy.send();
                     }

@@ -280,6 +280,9 @@ impl Activity {
 /// reports the socket's own local address.
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
+    // A dual-stack listener (`[::]`) accepts IPv4 connections with an
+    // IPv4-mapped local address, and conntrack tracks those as IPv4.
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
     let socket = socket2::SockRef::from(stream);
     let dst = if local.is_ipv4() {
         socket.original_dst_v4()

@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use http::{header, uri::Authority, HeaderMap, Request, Response};
+use http::{header, uri::Authority, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -182,6 +182,14 @@ impl Router {
         // read, so the upstream must not wait for a second one.
         parts.headers.remove(header::EXPECT);
 
+        // RFC 9112 section 3.2.2: a proxy ignores the Host of an
+        // absolute-form request and sends the target's authority instead,
+        // the same one that routing matches on.
+        if ctx.proto == Proto::Http1 {
+            if let Some(authority) = parts.uri.authority() {
+                parts.headers.insert(header::HOST, host_header(authority));
+            }
+        }
         let authority = request_authority(&parts.uri, &parts.headers);
         let destination = self.destination(&ctx, &parts.uri, authority.as_ref())?;
 
@@ -241,7 +249,7 @@ impl Router {
         authority: Option<&Authority>,
     ) -> Result<Destination, ProxyError> {
         if let Some(dst) = ctx.orig_dst {
-            return Ok(dst_or_loop(dst, self.listen)?);
+            return dst_or_loop(dst, self.listen);
         }
         let explicit = uri.scheme().is_some() && uri.authority().is_some();
         if explicit {
@@ -295,6 +303,16 @@ pub fn destination_of(
             port,
         },
     })
+}
+
+/// Returns `host[:port]` of an authority, without any userinfo.
+fn host_header(authority: &Authority) -> HeaderValue {
+    let host = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_string(),
+    };
+    HeaderValue::from_str(&host)
+        .expect("the host and port of an authority are a valid header value")
 }
 
 fn request_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<Authority> {
