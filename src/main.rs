@@ -123,19 +123,17 @@ fn run(
 }
 
 async fn proxy(config: Config) -> anyhow::Result<()> {
-    let proxy = tandem::proxy::start(config).await?;
-    shutdown_signal().await?;
-    proxy.shutdown().await;
-    Ok(())
-}
-
-/// Waits for SIGTERM (what Kubernetes sends) or Ctrl-C.
-async fn shutdown_signal() -> anyhow::Result<()> {
+    // The handler is installed before the listeners are bound, so a SIGTERM
+    // that arrives as soon as the proxy reports its addresses still drains.
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+
+    let proxy = tandem::proxy::start(config).await?;
     tokio::select! {
         _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutting down"),
+        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
     }
+    proxy.shutdown().await;
     Ok(())
 }

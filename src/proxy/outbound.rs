@@ -145,7 +145,9 @@ impl Outbound {
     {
         let idle_timeout = self.config.idle_timeout;
         let mut connection = pin!(connection);
-        let mut check = tokio::time::interval(idle_timeout / 4);
+        // Idle connections are found within a quarter of the timeout.
+        let period = (idle_timeout / 4).max(std::time::Duration::from_millis(1));
+        let mut check = tokio::time::interval(period);
         let mut closing = false;
         loop {
             tokio::select! {

@@ -306,7 +306,7 @@ pub fn destination_of(
 }
 
 /// Returns `host[:port]` of an authority, without any userinfo.
-fn host_header(authority: &Authority) -> HeaderValue {
+pub(crate) fn host_header(authority: &Authority) -> HeaderValue {
     let host = match authority.port() {
         Some(port) => format!("{}:{port}", authority.host()),
         None => authority.host().to_string(),
