@@ -97,6 +97,8 @@ pub struct Client {
 
 struct Inner {
     connect_timeout: Duration,
+    /// Fixed HTTP/1.1 read buffer size; `None` lets hyper size it.
+    read_buffer_bytes: Option<usize>,
     tls_http1: TlsConnector,
     tls_http2: TlsConnector,
     idle: Mutex<HashMap<Endpoint, Vec<IdleSender>>>,
@@ -114,6 +116,23 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 // === impl Client ===
 
 impl Client {
+    /// Returns a client with its own pool whose HTTP/1.1 connections read
+    /// into a fixed buffer of `bytes` instead of one that starts at 8 KiB and
+    /// grows. Meant for responses that are read only to be discarded, where
+    /// many idle connections would otherwise each keep the larger buffer.
+    pub fn with_read_buffer(
+        connect_timeout: Duration,
+        tls: &rustls::ClientConfig,
+        bytes: usize,
+    ) -> Self {
+        let client = Self::new(connect_timeout, tls);
+        let mut inner = Arc::into_inner(client.inner).expect("a new client is not shared");
+        inner.read_buffer_bytes = Some(bytes);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         self.inner.connect_timeout
     }
@@ -129,6 +148,7 @@ impl Client {
         Self {
             inner: Arc::new(Inner {
                 connect_timeout,
+                read_buffer_bytes: None,
                 tls_http1: with_alpn(b"http/1.1"),
                 tls_http2: with_alpn(b"h2"),
                 idle: Mutex::default(),
@@ -180,6 +200,7 @@ impl Client {
 
         let io = self.connect(endpoint).await?;
         let (mut sender, connection) = http1::Builder::new()
+            .read_buf_exact_size(self.inner.read_buffer_bytes)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ClientError::Handshake { addr, source })?;

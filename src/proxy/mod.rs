@@ -27,6 +27,10 @@ use self::{
 };
 use crate::{admin, config::Config, routes::RouteTable};
 
+/// Read buffer of connections to secondaries, whose responses are read only
+/// to be discarded: large enough for a typical response head in one read.
+const COPY_READ_BUFFER_BYTES: usize = 4096;
+
 /// A running proxy: its bound addresses and the handle that stops it.
 pub struct Proxy {
     outbound_addr: SocketAddr,
@@ -65,7 +69,8 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         .expect("a bound listener has an address");
 
     let metrics = Metrics::new();
-    let client = Client::new(config.outbound.connect_timeout, &client::tls_config(&[]));
+    let tls = client::tls_config(&[]);
+    let client = Client::new(config.outbound.connect_timeout, &tls);
     let connections = TaskTracker::new();
     let copies = TaskTracker::new();
     let (drain, drain_rx) = watch::channel(false);
@@ -98,8 +103,15 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         listen: outbound_addr,
         metrics: metrics.clone(),
     });
+    // Copies have a pool of their own, so a slow secondary never takes
+    // connections or buffers from the primary path.
+    let copy_client = Client::with_read_buffer(
+        config.outbound.connect_timeout,
+        &tls,
+        COPY_READ_BUFFER_BYTES,
+    );
     let dispatcher = Arc::new(Dispatcher::new(
-        client.clone(),
+        copy_client,
         metrics.clone(),
         copies.clone(),
     ));
