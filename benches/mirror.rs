@@ -98,7 +98,9 @@ fn tee(c: &mut Criterion) {
         listener.local_addr().expect("address")
     };
     let blackhole = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("address");
         tokio::spawn(async move {
             let mut held = Vec::new();
@@ -124,7 +126,12 @@ fn tee(c: &mut Criterion) {
         let dispatcher = Arc::new(Dispatcher::new(client, metrics, TaskTracker::new()));
         let service = MirrorLayer::new(dispatcher).layer(tower::service_fn(
             |request: Request<BoxBody>| async move {
-                let body = request.into_body().collect().await.expect("body").to_bytes();
+                let body = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .expect("body")
+                    .to_bytes();
                 Ok::<_, Infallible>(Response::new(body.len()))
             },
         ));
@@ -134,7 +141,11 @@ fn tee(c: &mut Criterion) {
             b.to_async(&runtime).iter(|| {
                 let mut service = service.clone();
                 let mut request = Request::post("/api/orders")
-                    .body(Full::new(body.clone()).map_err(|never| match never {}).boxed_unsync())
+                    .body(
+                        Full::new(body.clone())
+                            .map_err(|never| match never {})
+                            .boxed_unsync(),
+                    )
                     .expect("valid request");
                 *request.headers_mut() = request_headers();
                 request.extensions_mut().insert(matched.clone());

@@ -68,9 +68,14 @@ fn e2e(c: &mut Criterion) {
     );
 
     let mut cases = vec![("get_direct", primary, None)];
-    for (name, yaml) in [("get_via_proxy", plain), ("get_via_proxy_mirrored", mirrored)] {
+    for (name, yaml) in [
+        ("get_via_proxy", plain),
+        ("get_via_proxy_mirrored", mirrored),
+    ] {
         let config = Config::from_yaml(&yaml).expect("bench config is valid");
-        let proxy = runtime.block_on(tandem::proxy::start(config)).expect("proxy starts");
+        let proxy = runtime
+            .block_on(tandem::proxy::start(config))
+            .expect("proxy starts");
         cases.push((name, proxy.outbound_addr(), Some(proxy)));
     }
 

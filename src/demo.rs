@@ -70,7 +70,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     println!();
 
     let phase_time = options.duration / 2;
-    let healthy = drive("healthy secondary", primary_addr, outbound, phase_time, &secondary).await?;
+    let healthy = drive(
+        "healthy secondary",
+        primary_addr,
+        outbound,
+        phase_time,
+        &secondary,
+    )
+    .await?;
     secondary.slow.store(true, Ordering::Relaxed);
     let slow = drive(
         "slow secondary (1.5s)",
@@ -267,7 +274,9 @@ async fn serve_secondary(state: Arc<Secondary>) -> anyhow::Result<SocketAddr> {
     serve(move |request: Request<Incoming>| {
         let state = Arc::clone(&state);
         async move {
-            let is_copy = request.headers().contains_key(crate::config::DISPATCH_HEADER);
+            let is_copy = request
+                .headers()
+                .contains_key(crate::config::DISPATCH_HEADER);
             let _ = request.into_body().collect().await;
             if state.slow.load(Ordering::Relaxed) {
                 tokio::time::sleep(SLOW_SECONDARY_DELAY).await;
@@ -353,7 +362,8 @@ fn print_dispatch_metrics(text: &str) {
         let value: f64 = value.parse().unwrap_or(0.0);
         if series.starts_with("tandem_dispatch_due_total") {
             due += value;
-        } else if series.starts_with("tandem_requests_total") && series.contains("role=\"mirror\"") {
+        } else if series.starts_with("tandem_requests_total") && series.contains("role=\"mirror\"")
+        {
             answered += value;
         } else if let Some(rest) = series.strip_prefix("tandem_dispatch_shed_total") {
             let reason = rest

@@ -82,7 +82,10 @@ mod tests {
             backoff.record_failure(now);
             now += MAX_BACKOFF;
         }
-        assert!(!backoff.is_backing_off(now), "backoff never exceeds the cap");
+        assert!(
+            !backoff.is_backing_off(now),
+            "backoff never exceeds the cap"
+        );
     }
 
     #[test]

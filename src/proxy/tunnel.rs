@@ -112,7 +112,9 @@ pub async fn upgrade(
     // An absolute-form target overrides Host, as on the routed path.
     if let Some(authority) = &authority {
         if absolute || !request.headers().contains_key(header::HOST) {
-            request.headers_mut().insert(header::HOST, host_header(authority));
+            request
+                .headers_mut()
+                .insert(header::HOST, host_header(authority));
         }
     }
     let request = request.map(|body| body.map_err(BoxError::from).boxed_unsync());
