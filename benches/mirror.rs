@@ -82,7 +82,7 @@ fn matching(c: &mut Criterion) {
     });
 }
 
-/// The tee layer in front of a service that reads the body and answers.
+/// The tee layer in front of a service that reads the body and responds.
 /// "slots free" sends every copy to a secondary that refuses connections;
 /// "slots exhausted" has every slot held by copies to a secondary that
 /// never answers, so each new copy is shed as overloaded.

@@ -15,9 +15,9 @@ pub const DEFAULT_OUTBOUND_LISTEN: &str = "127.0.0.1:4140";
 /// Time a new connection gets to send its first bytes before it is treated
 /// as opaque TCP. Server-speaks-first protocols pay this once per connection.
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Same as nginx's `client_header_timeout`. hyper (1.x) also runs this timer
+/// Same as nginx's `client_header_timeout`. hyper 1.x also runs this timer
 /// while an HTTP/1.1 keep-alive connection waits for its next request, so it
-/// bounds idle HTTP/1.1 connections too; a short value would close the idle
+/// bounds idle HTTP/1.1 connections too. A short value would close the idle
 /// pooled connections of ordinary clients.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);

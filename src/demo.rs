@@ -26,7 +26,7 @@ use crate::config::{Config, DEFAULT_ADMIN_LISTEN};
 
 /// Concurrent client connections, each sending requests back to back.
 const CLIENTS: usize = 8;
-/// How long the slow secondary takes to answer each copy.
+/// Delay of the slow secondary before it responds to each copy.
 const SLOW_SECONDARY_DELAY: Duration = Duration::from_millis(1500);
 
 pub struct Options {
@@ -35,7 +35,7 @@ pub struct Options {
     pub keep_running: bool,
 }
 
-/// What one demo phase measured on the client side.
+/// Client-side measurements of one demo phase.
 struct PhaseReport {
     name: &'static str,
     sent: u64,
@@ -347,8 +347,8 @@ fn print_summary(phases: &[PhaseReport]) {
     }
 }
 
-/// Prints the proxy's own dispatch counters: copies due, answered and shed
-/// by reason.
+/// Prints the proxy's own dispatch counters: copies due, copies that got a
+/// response, and copies shed by reason.
 fn print_dispatch_metrics(text: &str) {
     println!();
     println!("  proxy dispatch counters (from /metrics)");

@@ -3,9 +3,9 @@
 //! hyper-util's pooled client keys connections by the request URI's
 //! authority and dials that authority. A transparent proxy must instead dial
 //! the original destination address while the request keeps the authority
-//! the application wrote, so this client pools hyper connections per
-//! [`Endpoint`] itself: idle HTTP/1.1 senders in a list, one shared
-//! multiplexed sender per HTTP/2 endpoint.
+//! the application wrote. So this client pools hyper connections per
+//! [`Endpoint`] itself. It keeps idle HTTP/1.1 senders in a list and one
+//! shared multiplexed sender per HTTP/2 endpoint.
 
 use std::{
     collections::HashMap,
@@ -48,7 +48,7 @@ pub enum Proto {
     Http2,
 }
 
-/// Where a connection goes and how it is set up.
+/// Connection target: socket address, TLS server name and protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub addr: SocketAddr,

@@ -13,7 +13,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Why a copy did not reach the secondary. Together with the copies that got
+/// Reason a copy did not reach the secondary. Together with the copies that got
 /// a response these account for every copy that was due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShedReason {
@@ -24,7 +24,7 @@ pub enum ShedReason {
     /// The primary request body ended early (client abort, read error or the
     /// upstream stopped reading), so no complete copy exists.
     BodyIncomplete,
-    /// The secondary did not answer within the route's timeout.
+    /// The secondary did not respond within the route's timeout.
     Timeout,
     /// No connection to the secondary could be made.
     ConnectFailed,

@@ -1,10 +1,10 @@
 //! The mirror tee: copies a matched request to its route's secondary
 //! without ever altering or delaying the primary request.
 //!
-//! [`MirrorLayer`] sits after routing and before the upstream client. For a
-//! request that matched a mirror route and was sampled, it takes an
-//! in-flight slot (or sheds the copy), clones the head and wraps the body in
-//! a [`TeeBody`] that keeps a capped copy of each frame as the primary
+//! [`MirrorLayer`] sits after routing and before the upstream client. A
+//! request that matched a mirror route and was sampled takes an in-flight
+//! slot, or its copy is shed. The layer clones the head and wraps the body in
+//! a [`TeeBody`], which keeps a capped copy of each frame as the primary
 //! upstream reads it. When the body ends complete, the copy is sent from a
 //! task of its own, so neither the client connection nor the primary
 //! response waits for the secondary.
@@ -285,7 +285,7 @@ fn proto_for(version: Version) -> Proto {
 
 // === copies ===
 
-/// A copy that holds an in-flight slot. It records exactly one outcome: a
+/// A copy that owns an in-flight slot. It records exactly one outcome: a
 /// response or a shed reason. Dropped unsettled, it records `on_drop`.
 struct CopySlot {
     target: Arc<MirrorTarget>,
@@ -442,8 +442,8 @@ async fn deliver(
     target.backoff.record_success();
     let status = response.status();
     // Reading the body to its end lets the connection go back to the pool.
-    // A body that fails midway still counts as delivered: the secondary got
-    // the whole request and answered.
+    // A body that fails midway still counts as delivered, because the
+    // secondary got the whole request and sent a response head.
     let _ = response.into_body().collect().await;
     Ok(status)
 }
@@ -564,7 +564,7 @@ where
 
 /// Decides whether a request is copied at `percent`. With a W3C
 /// `traceparent` header the decision is a function of the trace id, so every
-/// hop of one trace decides alike; without one it is random.
+/// hop of one trace decides alike. Without one it is random.
 pub fn sampled(percent: f64, headers: &HeaderMap) -> bool {
     if percent >= 100.0 {
         return true;

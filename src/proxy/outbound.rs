@@ -262,8 +262,9 @@ impl Activity {
         }
     }
 
-    /// How long the connection has had no request in flight; a connection
-    /// that never had one counts as idle since it was accepted.
+    /// Returns how long the connection has had no request in flight, or
+    /// `None` while one is. A connection that never had a request counts as
+    /// idle from the first check.
     fn idle_for(&self) -> Option<std::time::Duration> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;

@@ -39,7 +39,7 @@ pub struct ConnContext {
     pub proto: Proto,
 }
 
-/// Where the primary request is forwarded.
+/// Destination of the primary request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
     Addr(SocketAddr),
@@ -178,8 +178,8 @@ impl Router {
             .remove(DISPATCH_HEADER)
             .and_then(|value| DispatchTag::parse(&value));
         strip_hop_by_hop(&mut parts.headers);
-        // hyper answers `Expect: 100-continue` itself when the body is first
-        // read, so the upstream must not wait for a second one.
+        // hyper sends `100 Continue` itself when the body is first read, so
+        // the upstream must not be asked for a second one.
         parts.headers.remove(header::EXPECT);
 
         // RFC 9112 section 3.2.2: a proxy ignores the Host of an

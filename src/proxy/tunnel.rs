@@ -37,7 +37,7 @@ where
     }
 }
 
-/// Answers a `CONNECT host:port` request: connects, replies 200 and then
+/// Handles a `CONNECT host:port` request: connects, replies 200 and then
 /// copies bytes between the upgraded client connection and the upstream.
 pub async fn connect(
     router: &Router,
