@@ -27,7 +27,7 @@ use crate::config::{Config, DEFAULT_ADMIN_LISTEN};
 /// Concurrent client connections, each sending requests back to back.
 const CLIENTS: usize = 8;
 /// Delay of the slow secondary before it responds to each copy.
-const SLOW_SECONDARY_DELAY: Duration = Duration::from_millis(1500);
+const SLOW_SECONDARY_DELAY: Duration = Duration::from_millis(300);
 
 pub struct Options {
     /// Total traffic time, split evenly between the two phases.
@@ -80,7 +80,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     .await?;
     secondary.slow.store(true, Ordering::Relaxed);
     let slow = drive(
-        "slow secondary (1.5s)",
+        "slow secondary (300ms)",
         primary_addr,
         outbound,
         phase_time,
@@ -375,7 +375,7 @@ fn print_dispatch_metrics(text: &str) {
         }
     }
     println!("    copies due        {due}");
-    println!("    copies answered   {answered}");
+    println!("    copies delivered  {answered}");
     if shed.is_empty() {
         println!("    copies shed       0");
     }
