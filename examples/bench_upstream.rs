@@ -1,7 +1,7 @@
 //! HTTP/1.1 upstream for the load benchmarks in `benches/load/`.
 //!
-//! It plays both the primary API and the secondary that receives copies.
-//! Every request gets `200 OK` with a short body, optionally after
+//! It serves as both the primary API and the secondary that receives
+//! copies. Every request gets `200 OK` with a short body, optionally after
 //! `--delay` milliseconds. `GET /__count` returns the number of requests
 //! received so far as plain text and is not counted itself. The same
 //! response carries a `dispatch-header-count` header with the number of
@@ -44,12 +44,12 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
 
-    /// Time to wait before answering each request, in milliseconds.
+    /// Time to wait before responding to each request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     delay: u64,
 
-    /// `normal` answers requests; `blackhole` accepts connections and never
-    /// reads from or writes to them.
+    /// `normal` responds to requests. `blackhole` accepts connections and
+    /// never reads from or writes to them.
     #[arg(long, value_enum, default_value_t = Mode::Normal)]
     mode: Mode,
 }
@@ -135,7 +135,7 @@ async fn respond(
     }
 
     // Count on arrival, so a copy that reaches a slow secondary is counted
-    // even when the proxy gives up on it before the answer.
+    // even when the proxy gives up on it before the response.
     counters.requests.fetch_add(1, Ordering::Relaxed);
     if request.headers().contains_key(DISPATCH_HEADER) {
         counters
@@ -148,14 +148,14 @@ async fn respond(
     Response::new(Full::new(Bytes::from_static(RESPONSE_BODY)))
 }
 
-/// Accepts connections and holds them open without reading, until the
+/// Accepts connections and keeps them open without reading, until the
 /// process exits.
 async fn blackhole(listener: TcpListener) -> std::io::Result<()> {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 tokio::spawn(async move {
-                    let _held = stream;
+                    let _connection = stream;
                     std::future::pending::<()>().await;
                 });
             }

@@ -26,9 +26,19 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, dict, str]:
         return 0, {}, ""
 
 
+def read_counts(port: int) -> tuple[int, int] | None:
+    """Returns the requests a bench_upstream received and how many of them had
+    a tandem-dispatch header, or None when it did not respond."""
+    status, headers, body = http_get(f"http://127.0.0.1:{port}/__count")
+    tagged = headers.get("dispatch-header-count", "")
+    if status != 200 or not body.strip().isdigit() or not tagged.isdigit():
+        return None
+    return int(body), int(tagged)
+
+
 def read_count(port: int) -> int | None:
-    status, _, body = http_get(f"http://127.0.0.1:{port}/__count")
-    return int(body) if status == 200 and body.strip().isdigit() else None
+    counts = read_counts(port)
+    return None if counts is None else counts[0]
 
 
 def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:

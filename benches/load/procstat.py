@@ -1,5 +1,6 @@
-"""Process statistics from /proc for the load benchmark: CPU time, peak
-RSS and TCP connections of the servers under test (Linux only)."""
+"""Linux process helpers for the load benchmark: signals by PID, and the
+CPU time, peak RSS, threads and TCP connections of the servers under test,
+read from /proc."""
 
 from __future__ import annotations
 
@@ -71,6 +72,16 @@ def peak_rss_kib(root: int) -> int:
         match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
         if match:
             total += int(match.group(1))
+    return total
+
+
+def thread_count(root: int) -> int:
+    """Returns the number of threads of root and its live descendants."""
+    total = 0
+    for pid in process_tree(root):
+        fields = read_stat_fields(pid)
+        if fields is not None:
+            total += int(fields[17])
     return total
 
 

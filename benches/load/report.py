@@ -26,36 +26,47 @@ def fmt(value, digits: int = 1, suffix: str = "") -> str:
 def notes_for(row: dict) -> str:
     """Summarizes wrk errors and each proxy's own account of the copies."""
     notes = []
+    if row.get("disturbed"):
+        notes.append(f"disturbed by other programs in all {row['attempts']} runs")
     errors = {k: v for k, v in row.get("errors", {}).items() if v}
     if errors:
         notes.append("wrk errors " + ", ".join(f"{k} {v}" for k, v in errors.items()))
+
     tandem = row.get("tandem")
     if tandem:
-        if "error" in tandem:
-            notes.append(f"metrics: {tandem['error']}")
-        else:
-            reasons = ", ".join(f"{r} {v}" for r, v in tandem["shed_by_reason"].items()) or "none"
-            note = (
-                f"due {fmt(tandem['due'])} = delivered {fmt(tandem['delivered'])} "
-                f"+ shed {fmt(tandem['shed'])} ({reasons}) + unaccounted {fmt(tandem['unaccounted'])}"
-            )
-            if tandem.get("in_flight_at_end"):
-                note += f", {tandem['in_flight_at_end']} still in flight"
-            notes.append(note)
+        notes.append(tandem_note(tandem))
+
     envoy = row.get("envoy_secondary")
     if envoy:
-        notes.append(
-            "secondary cluster: "
-            + ", ".join(f"{k.removeprefix('upstream_')} {v}" for k, v in envoy.items() if v)
-        )
+        counters = ", ".join(f"{k.removeprefix('upstream_')} {v}" for k, v in envoy.items() if v)
+        notes.append(f"secondary cluster: {counters}")
+
     nginx = row.get("nginx_error_log")
     if nginx and (nginx["upstream_timed_out"] or nginx["connection_refused"]):
         notes.append(
             f"error log: {nginx['upstream_timed_out']} timed out, {nginx['connection_refused']} refused"
         )
+
     if row.get("secondary_established_at_end"):
         notes.append(f"{row['secondary_established_at_end']} connections to the secondary open at the end")
     return "; ".join(notes)
+
+
+def tandem_note(tandem: dict) -> str:
+    """Describes tandem's copy accounting: due = delivered + shed."""
+    if "error" in tandem:
+        return f"metrics: {tandem['error']}"
+
+    reasons = ", ".join(f"{r} {v}" for r, v in tandem["shed_by_reason"].items()) or "none"
+    note = (
+        f"due {fmt(tandem['due'])} = delivered {fmt(tandem['delivered'])} "
+        f"+ shed {fmt(tandem['shed'])} ({reasons}) + unaccounted {fmt(tandem['unaccounted'])}"
+    )
+    if tandem.get("in_flight_at_wrk_end"):
+        note += f"; {tandem['in_flight_at_wrk_end']} in flight when wrk stopped"
+    if tandem.get("in_flight_at_end"):
+        note += f", {tandem['in_flight_at_end']} still in flight after the copy timeout"
+    return note
 
 
 def results_table(rows: list[dict]) -> str:
@@ -110,6 +121,8 @@ def ratios_table(rows: list[dict]) -> str:
         if tandem is None:
             continue
         envoy = measured.get(("envoy", state))
+        if envoy is None and direct is None:
+            continue
         lines.append(
             f"| {state} "
             f"| {ratio(tandem['rps'], envoy and envoy['rps'])} "
