@@ -6,5 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod proxy;
+pub mod readiness;
 pub mod routes;
+pub mod spool;
 pub mod telemetry;
