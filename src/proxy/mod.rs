@@ -1,14 +1,19 @@
 //! Binds the listeners, builds the outbound stack and drains on shutdown.
 
 pub mod body;
+pub mod circuit;
 pub mod client;
+pub mod compare;
 pub mod detect;
 pub mod errors;
+pub mod fanout;
 pub mod forward;
 pub mod headers;
 pub mod metrics;
 pub mod mirror;
 pub mod outbound;
+pub mod retry;
+pub mod secondary;
 pub mod target;
 pub mod tunnel;
 
@@ -19,12 +24,20 @@ use tokio_util::task::TaskTracker;
 
 use self::{
     client::Client,
+    compare::CompareTarget,
+    fanout::Fanout,
     metrics::Metrics,
     mirror::{Dispatcher, MirrorTarget},
     outbound::Outbound,
-    target::{destination_of, Router},
+    target::{destination_of, RouteTarget, Router},
 };
-use crate::{admin, config::Config, routes::RouteTable};
+use crate::{
+    admin,
+    config::Config,
+    readiness::Readiness,
+    routes::{Mode, RouteTable},
+    spool::SpoolError,
+};
 
 /// A running proxy: its bound addresses and the handle that stops it.
 pub struct Proxy {
@@ -34,6 +47,7 @@ pub struct Proxy {
     drain: watch::Sender<bool>,
     connections: TaskTracker,
     copies: TaskTracker,
+    fanout: Fanout,
     accept: JoinHandle<()>,
     admin: JoinHandle<()>,
     drain_timeout: Duration,
@@ -49,6 +63,8 @@ pub enum StartError {
     },
     #[error("invalid outbound.default_target {0:?}")]
     DefaultTarget(String),
+    #[error("failed to open the dead-letter spool: {0}")]
+    Spool(#[from] SpoolError),
 }
 
 /// Binds the listeners and starts serving. Returns once both listeners are
@@ -69,11 +85,27 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     let copies = TaskTracker::new();
     let (drain, drain_rx) = watch::channel(false);
 
+    let readiness = Readiness::new();
+
     let routes = RouteTable::new(&config.routes);
-    let mirrors: HashMap<String, Arc<MirrorTarget>> = routes
+    let (fanout, mut fanout_routes) = Fanout::start(&routes, &client, &metrics, &readiness)?;
+    let targets: HashMap<String, RouteTarget> = routes
         .iter()
         .map(|route| {
-            let target = Arc::new(MirrorTarget::new(Arc::clone(route), &metrics));
+            let target = match route.mode() {
+                Mode::Mirror => {
+                    RouteTarget::Mirror(Arc::new(MirrorTarget::new(Arc::clone(route), &metrics)))
+                }
+                Mode::Compare => {
+                    let copy = Arc::new(MirrorTarget::new(Arc::clone(route), &metrics));
+                    RouteTarget::Compare(Arc::new(CompareTarget::new(route, copy, &metrics)))
+                }
+                Mode::Fanout => RouteTarget::Fanout(
+                    fanout_routes
+                        .remove(&route.name)
+                        .expect("every fanout route has fanout state"),
+                ),
+            };
             (route.name.clone(), target)
         })
         .collect();
@@ -91,7 +123,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     };
     let router = Arc::new(Router {
         routes,
-        mirrors,
+        targets,
         default_target,
         max_request_body_bytes: config.outbound.max_request_body_bytes,
         listen: outbound_addr,
@@ -120,7 +152,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     ));
     let admin = tokio::spawn(admin::serve(
         admin_listener,
-        admin::State::new(metrics.clone(), config.clone()),
+        admin::State::new(metrics.clone(), config.clone()).with_readiness(readiness),
         drain_rx,
     ));
 
@@ -131,6 +163,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         drain,
         connections,
         copies,
+        fanout,
         accept,
         admin,
         drain_timeout: config.drain_timeout,
@@ -183,8 +216,9 @@ impl Proxy {
     }
 
     /// Stops accepting, lets in-flight requests and copies finish until the
-    /// drain timeout, then stops. Returns true when everything finished in
-    /// time.
+    /// drain timeout, then stops. Fanout copies still queued or in flight
+    /// then are written to the dead-letter spool. Returns true when
+    /// everything finished in time.
     pub async fn shutdown(self) -> bool {
         tracing::info!(timeout = ?self.drain_timeout, "draining");
         let _ = self.drain.send(true);
@@ -194,9 +228,11 @@ impl Proxy {
             let _ = self.accept.await;
             self.connections.wait().await;
             self.copies.wait().await;
+            self.fanout.settled().await;
         })
         .await
         .is_ok();
+        self.fanout.shutdown().await;
         self.admin.abort();
         if drained {
             tracing::info!("drained");
