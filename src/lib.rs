@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod dlq;
 pub mod proxy;
 pub mod readiness;
 pub mod routes;
