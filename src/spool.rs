@@ -3,7 +3,8 @@
 //!
 //! One spool directory contains the append-only file [`SPOOL_FILE_NAME`],
 //! the `bodies/` directory with request bodies too large for memory while
-//! their copies await delivery, and the lock file of `tandem dlq replay`.
+//! their copies await delivery, and the lock files of the proxy that uses
+//! the directory and of `tandem dlq replay`.
 //! The file format is in [`format`]. Writers and `tandem dlq replay` take
 //! an exclusive `flock(2)` on the spool file around each append and each
 //! rewrite, and a writer reopens the path when a rewrite replaced the file
@@ -33,6 +34,8 @@ pub const SPOOL_FILE_NAME: &str = "dead-letter.spool";
 pub const BODY_DIR_NAME: &str = "bodies";
 /// Lock file that keeps two `tandem dlq replay` runs apart.
 pub const REPLAY_LOCK_NAME: &str = "replay.lock";
+/// Lock file a proxy holds while it uses the directory.
+pub const PROXY_LOCK_NAME: &str = "proxy.lock";
 
 /// A copy handed to the spool, with the metadata of its record.
 pub struct DeadLetter {
@@ -66,6 +69,11 @@ pub enum SpoolError {
         action: &'static str,
         source: io::Error,
     },
+    #[error(
+        "spool_dir {dir} is in use by another tandem proxy; give each proxy its own \
+         spool_dir"
+    )]
+    InUse { dir: String },
     #[error(
         "{path} is not a tandem dead-letter spool file: its first bytes are not the \
          spool magic number"

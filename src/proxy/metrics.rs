@@ -15,7 +15,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Why a copy did not reach the secondary. Together with the copies that got
-/// a response these account for every copy that was due.
+/// a response (and, for fanout, those written to the dead-letter spool)
+/// these account for every copy that was due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShedReason {
     /// The route's `max_in_flight` copies were already in flight.
@@ -109,7 +110,8 @@ impl Metrics {
         let dispatch_due = IntCounterVec::new(
             Opts::new(
                 "tandem_dispatch_due_total",
-                "Copies due after matching and sampling; each one ends as a response or a shed.",
+                "Copies due after matching and sampling; each one ends as a response, a shed \
+                 or, for fanout, a dead letter.",
             ),
             &["route", "mode"],
         )

@@ -8,6 +8,10 @@
 //! upstream reads it. When the body ends complete, the copy is sent from a
 //! task of its own, so neither the client connection nor the primary
 //! response waits for the secondary.
+//!
+//! Compare routes take the same path and also tap the primary response
+//! (see [`super::compare`]). Fanout routes share the [`TeeBody`] with a
+//! sink of their own that queues the copies (see [`super::fanout`]).
 
 use std::{
     pin::Pin,

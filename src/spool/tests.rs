@@ -369,3 +369,24 @@ fn header_sizes_match_layout() {
     assert_eq!(format::file_header().len() as u64, FILE_HEADER_LEN);
     assert_eq!(format::record_header(0, 0).len() as u64, RECORD_HEADER_LEN);
 }
+
+#[tokio::test]
+async fn second_proxy_on_same_dir_is_rejected() {
+    let dir = TempDir::new();
+    let open = || {
+        Spool::open(
+            &dir.0,
+            Duration::from_secs(1),
+            Metrics::new().fanout().clone(),
+            Readiness::new(),
+        )
+    };
+    let first = open().expect("first opens");
+    let error = open().err().expect("second is rejected").to_string();
+    assert!(error.contains("in use by another tandem proxy"), "{error}");
+    first.close().await;
+    open()
+        .expect("the directory is free after close")
+        .close()
+        .await;
+}

@@ -17,7 +17,8 @@ use std::{
 
 use super::{
     format::{self, FILE_HEADER_LEN},
-    lock_exclusive, spool_path, unlock, DeadLetter, LetterBody, SpoolError, BODY_DIR_NAME,
+    lock_exclusive, spool_path, try_lock_exclusive, unlock, DeadLetter, LetterBody, SpoolError,
+    BODY_DIR_NAME, PROXY_LOCK_NAME,
 };
 use crate::{proxy::metrics::FanoutMetrics, readiness::Readiness};
 
@@ -36,6 +37,8 @@ struct Shared {
     dir: PathBuf,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     metrics: FanoutMetrics,
+    /// The held `proxy.lock`, released by [`Spool::close`].
+    owner: Mutex<Option<File>>,
 }
 
 enum Command {
@@ -81,6 +84,14 @@ impl Spool {
         };
         std::fs::create_dir_all(dir.join(BODY_DIR_NAME))
             .map_err(io_error("creating the directory"))?;
+        // One proxy per directory: a second one would delete the first
+        // one's body files below and interleave its queue's dead letters.
+        let owner = File::create(dir.join(PROXY_LOCK_NAME)).map_err(io_error("creating a file"))?;
+        if !try_lock_exclusive(&owner).map_err(io_error("locking proxy.lock"))? {
+            return Err(SpoolError::InUse {
+                dir: dir.display().to_string(),
+            });
+        }
         remove_orphan_bodies(dir);
         // Creating a file proves the directory is writable, which opening an
         // existing spool file for writing alone would not.
@@ -119,6 +130,7 @@ impl Spool {
                 dir: dir.to_path_buf(),
                 commands: Mutex::new(Some(commands)),
                 metrics,
+                owner: Mutex::new(Some(owner)),
             }),
         })
     }
@@ -176,6 +188,11 @@ impl Spool {
         if sender.send(Command::Close(done)).is_ok() {
             let _ = closed.await;
         }
+        self.shared
+            .owner
+            .lock()
+            .expect("spool owner lock is never poisoned")
+            .take();
     }
 }
 
