@@ -1,8 +1,8 @@
 //! `tandem dlq list` and `tandem dlq replay`: reading the dead-letter spool
 //! and re-sending its records.
 //!
-//! Replay holds `replay.lock` in the spool directory for its whole run, so
-//! two replays never overlap. It locks the spool file only while it reads
+//! Replay keeps `replay.lock` in the spool directory locked for its whole
+//! run, so two replays never overlap. It locks the spool file only while it reads
 //! the records and while it rewrites the file, so a running proxy keeps
 //! appending in between; the rewrite copies those appended records into the
 //! new file. Records are removed only after their secondary answered 2xx.
@@ -29,7 +29,7 @@ use crate::{
     },
 };
 
-/// Which records a command applies to.
+/// Record filter of a command.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     pub route: Option<String>,

@@ -63,7 +63,8 @@ enum DlqCommand {
         spool: SpoolArgs,
     },
     /// Send the dead-lettered copies again, with their original
-    /// idempotency keys. A record is removed once its secondary answers 2xx.
+    /// idempotency keys. A record is removed once its secondary responds
+    /// with 2xx.
     Replay {
         #[command(flatten)]
         spool: SpoolArgs,

@@ -7,7 +7,7 @@
 //! the directory and of `tandem dlq replay`.
 //! The file format is in [`format`]. Writers and `tandem dlq replay` take
 //! an exclusive `flock(2)` on the spool file around each append and each
-//! rewrite, and a writer reopens the path when a rewrite replaced the file
+//! rewrite. A writer reopens the path when a rewrite replaced the file
 //! under it, so the two never interleave bytes or lose an append.
 
 pub mod format;
@@ -144,8 +144,8 @@ pub fn lock_exclusive(file: &File) -> io::Result<()> {
     rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive).map_err(io::Error::from)
 }
 
-/// Takes an exclusive `flock(2)` on `file` if no one else holds one.
-/// Returns false when the lock is held elsewhere.
+/// Takes an exclusive `flock(2)` on `file` if the lock is free. Returns
+/// false when another open file has it.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(true),

@@ -81,7 +81,7 @@ fn results(proxy: &Proxy, route: &str, result: &str) -> f64 {
     )
 }
 
-/// A JSON order; `total` is the field the tests plant a difference in.
+/// Returns a JSON order. The tests plant differences in `total`.
 fn order(id: u32, timestamp: &str, total: u32) -> String {
     format!(
         r#"{{"id": {id}, "timestamp": "{timestamp}", "total": {total}, "items": [{{"sku": "a", "qty": 1}}]}}"#
@@ -255,7 +255,7 @@ async fn primary_does_not_wait_for_compare() {
             "no comparison finished yet"
         );
         secondary.release();
-        // The released secondary answers 200 with an empty body, which
+        // The released secondary returns 200 with an empty body, which
         // differs from the primary's JSON body.
         wait_until("compared", || results(&proxy, "slow", "mismatch") == 5.0).await;
         proxy.shutdown().await;

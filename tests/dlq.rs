@@ -208,7 +208,8 @@ routes:
         );
         let keys: BTreeSet<String> = rows.iter().map(|r| r["IDEMPOTENCY-KEY"].clone()).collect();
         assert_eq!(keys.len(), 20, "one key per copy");
-        assert!(keys.contains("client-key-0") && keys.contains("client-key-14"));
+        assert!(keys.contains("client-key-0"), "{keys:?}");
+        assert!(keys.contains("client-key-14"), "{keys:?}");
 
         // A restart keeps the spool as it was.
         let second = ProxyProcess::start(&config, admin, dir.path().join("second.log")).await;
@@ -302,7 +303,7 @@ routes:
             "a dry run removes nothing"
         );
 
-        // A failed replay keeps the record and says so in the exit status.
+        // A failed replay keeps the record and reports it in the exit status.
         let output = tandem(&[
             "dlq",
             "replay",

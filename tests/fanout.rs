@@ -18,7 +18,7 @@ async fn bounded<F: Future>(test: F) -> F::Output {
 }
 
 /// Starts a proxy whose default target is `primary`, with one fanout route
-/// `audit` for paths under /orders. `extra` holds more fanout settings,
+/// `audit` for paths under /orders. `extra` contains more fanout settings,
 /// one per line, indented by six spaces.
 async fn start_proxy(primary: &TestServer, to: &[String], spool: &Path, extra: &str) -> Proxy {
     let to = to
@@ -297,7 +297,7 @@ async fn circuit_opens_and_half_opens() {
     bounded(async {
         use std::sync::atomic::{AtomicU16, Ordering};
         let primary = primary().await;
-        // 0 answers 503, 1 hangs until released, 2 answers 200.
+        // Mode 0 returns 503, 1 hangs until released, 2 returns 200.
         let mode = std::sync::Arc::new(AtomicU16::new(0));
         let current = std::sync::Arc::clone(&mode);
         let secondary =
@@ -794,7 +794,7 @@ async fn primary_does_not_wait_for_fanout() {
             assert_eq!(answer.body, r#"{"ok": true}"#);
         }
         // Every primary response above completed while the copies were
-        // still held at the secondary, which has not answered any of them.
+        // still held at the secondary, which has not responded to any.
         let received = secondary.wait_for(5).await;
         assert_eq!(received.len(), 5);
         assert_eq!(

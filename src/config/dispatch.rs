@@ -126,7 +126,8 @@ pub struct CompareConfig {
     #[serde(default = "default_sample_diffs_per_minute")]
     pub sample_diffs_per_minute: u32,
     /// Upper bound of the request body and of each response body. A larger
-    /// request is not compared; a larger response makes the result `error`.
+    /// request is not compared, and a larger response makes the result
+    /// `error`.
     #[serde(default = "super::default_mirror_max_body_bytes")]
     pub max_body_bytes: usize,
     #[serde(default = "super::default_mirror_timeout", with = "duration")]
@@ -249,7 +250,7 @@ impl RetryClass {
         ]
     }
 
-    /// The name used in `retry_on` and in metric labels.
+    /// Returns the name used in `retry_on` and in metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             RetryClass::ConnectFailure => "connect-failure",

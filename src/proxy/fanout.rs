@@ -54,7 +54,7 @@ use crate::{
 
 const MODE: &str = "fanout";
 
-/// Why a fanout copy was written to the dead-letter spool.
+/// Reason a fanout copy was written to the dead-letter spool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterReason {
     /// Every attempt failed with a retryable failure.
@@ -154,7 +154,7 @@ struct FanoutCopy {
     _outstanding: Outstanding,
 }
 
-/// How a copy ended.
+/// Final state of a copy.
 enum Outcome {
     Delivered(StatusCode),
     DeadLetter(DeadLetterReason),
@@ -210,8 +210,8 @@ impl Fanout {
             if spools.contains_key(&config.spool_dir) {
                 continue;
             }
-            // Routes that share a directory share its writer, flushed as
-            // often as the most demanding of them asks.
+            // Routes that share a directory share its writer, flushed at
+            // the shortest interval among them.
             let interval = configs
                 .iter()
                 .filter(|(_, other)| other.spool_dir == config.spool_dir)
@@ -509,8 +509,8 @@ impl FanoutCopy {
                 .with_label_values(&[labels[0], labels[1], error.failure.label()])
                 .inc();
             match error.failure {
-                // The secondary answered, so it is up: a final response
-                // does not count toward opening the circuit.
+                // The secondary responded, so it is up, and a final
+                // response does not count toward opening the circuit.
                 Failure::Rejected(_) => permit.success(),
                 Failure::Retryable { .. } => permit.failure(),
             }
@@ -690,7 +690,7 @@ impl CopyBody {
 // === impl Failure ===
 
 impl Failure {
-    /// The `outcome` label of a failed attempt.
+    /// Returns the `outcome` label of a failed attempt.
     fn label(&self) -> &'static str {
         match self {
             Failure::Retryable { class, .. } => class.as_str(),

@@ -93,8 +93,8 @@ impl Dispatcher {
         }
     }
 
-    /// Starts the copies of `request` that its route asks for and returns
-    /// the request with a teeing body, otherwise unchanged. For a compare
+    /// Starts the copies that the matched route's mode calls for and
+    /// returns the request with a teeing body, otherwise unchanged. For a compare
     /// copy it also returns the tap that captures the primary response.
     fn tee(&self, request: Request<BoxBody>) -> (Request<BoxBody>, Option<ResponseTap>) {
         let Some(matched) = request.extensions().get::<MatchedRoute>() else {
@@ -373,8 +373,8 @@ struct PendingCopy {
     slot: CopySlot,
     client: Client,
     tasks: TaskTracker,
-    /// Set on a compare copy: the comparison that runs once the secondary
-    /// answers.
+    /// The comparison that runs once the secondary responds, on compare
+    /// copies only.
     compare: Option<CompareJob>,
 }
 
@@ -467,7 +467,7 @@ impl MirrorTarget {
     }
 }
 
-/// The secondary's answer to a copy.
+/// The secondary's response to a copy.
 pub struct SecondaryResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
@@ -526,7 +526,7 @@ async fn deliver(
     })
 }
 
-/// What a tee does with the frames of the request body it copies.
+/// Receiver of the frames that a tee copies from a request body.
 pub(crate) trait CopySink: Send {
     /// Polls until the sink can take the next frame. Only a sink that
     /// writes the body to disk ever returns `Pending`, which holds back the

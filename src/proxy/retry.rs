@@ -16,7 +16,7 @@ pub struct RetryPolicy {
     retry_on: Vec<RetryClass>,
 }
 
-/// Why an attempt failed.
+/// Cause of a failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
     /// A failure of a class that `retry_on` may list.
@@ -25,7 +25,7 @@ pub enum Failure {
         /// The wait a 429 or 503 response asked for.
         retry_after: Option<Duration>,
     },
-    /// A response that is final whatever `retry_on` says: 1xx, 3xx and
+    /// A response that is final whatever `retry_on` lists: 1xx, 3xx and
     /// 4xx other than 429.
     Rejected(StatusCode),
 }

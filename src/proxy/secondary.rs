@@ -166,6 +166,7 @@ impl SecondaryUrl {
         } else {
             Proto::Http1
         };
+
         let mut headers = head.headers.clone();
         if !preserve_host || !headers.contains_key(header::HOST) {
             headers.remove(header::HOST);
@@ -182,6 +183,7 @@ impl SecondaryUrl {
                 .unwrap_or_else(|| self.authority.clone()),
             _ => self.authority.clone(),
         };
+
         // Framing follows the body the copy carries, as for mirror copies:
         // an exact length without trailers, chunked with them.
         headers.remove(header::TRANSFER_ENCODING);
@@ -194,6 +196,7 @@ impl SecondaryUrl {
             HeaderValue::from_static("fanout"),
         );
         headers.insert(IDEMPOTENCY_KEY_HEADER, idempotency_key.clone());
+
         PreparedRequest {
             method: head.method.clone(),
             proto,
@@ -208,7 +211,7 @@ impl SecondaryUrl {
 // === impl PreparedRequest ===
 
 impl PreparedRequest {
-    /// The full URL of the request, as stored in dead-letter records.
+    /// Returns the full URL of the request, as stored in dead-letter records.
     pub fn url(&self) -> String {
         format!(
             "{}://{}{}",

@@ -65,7 +65,7 @@ pub struct MatchedRoute {
     pub target: RouteTarget,
 }
 
-/// Where the copies of a route's requests go, by dispatch mode.
+/// Copy targets of a route, by dispatch mode.
 #[derive(Clone)]
 pub enum RouteTarget {
     Mirror(Arc<MirrorTarget>),

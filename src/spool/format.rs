@@ -38,7 +38,7 @@ pub const FILE_HEADER_LEN: u64 = 16;
 pub const RECORD_MARKER: [u8; 4] = *b"TDLR";
 pub const RECORD_HEADER_LEN: u64 = 20;
 
-/// Everything a record holds except the body.
+/// Everything a record stores except the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordMeta {
     /// When the proxy accepted the copy.
@@ -157,6 +157,7 @@ impl RecordMeta {
         let dead_lettered_at_ms = u64::from_le_bytes(take_array(&mut input)?);
         let attempts = u32::from_le_bytes(take_array(&mut input)?);
         let [http_version] = take_array::<1>(&mut input)?;
+
         let mut text = || take_string(&mut input);
         let route = text()?;
         let secondary = text()?;
@@ -166,6 +167,7 @@ impl RecordMeta {
         let idempotency_key = text()?;
         let first_error = text()?;
         let last_error = text()?;
+
         let headers = take_headers(&mut input)?;
         let [has_trailers] = take_array::<1>(&mut input)?;
         let trailers = match has_trailers {
@@ -179,6 +181,7 @@ impl RecordMeta {
                 input.len()
             ));
         }
+
         Ok(Self {
             accepted_at_ms,
             dead_lettered_at_ms,

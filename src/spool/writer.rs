@@ -3,7 +3,8 @@
 //!
 //! Appends run on a thread of their own because they are blocking file I/O
 //! that may wait for the lock `tandem dlq replay` holds while it rewrites
-//! the file. Callers hand letters over a channel and never wait.
+//! the file. Callers hand letters over an unbounded channel, so they never
+//! wait for disk I/O.
 
 use std::{
     collections::VecDeque,

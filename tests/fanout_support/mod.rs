@@ -57,7 +57,7 @@ pub enum Reply {
         headers: Vec<(String, String)>,
         body: Bytes,
     },
-    /// Answers 200 only once the test calls [`TestServer::release`].
+    /// Returns 200 only once the test calls [`TestServer::release`].
     Hang,
 }
 
@@ -165,7 +165,7 @@ impl TestServer {
         self.received()
     }
 
-    /// Lets every hanging request, now and later, answer 200.
+    /// Makes every hanging request, now and later, get its 200 response.
     pub fn release(&self) {
         let _ = self.released.send(true);
     }

@@ -21,7 +21,8 @@ const SECRET_HEADERS: &[&str] = &[
     "set-cookie",
 ];
 
-/// What a comparison looks at.
+/// Settings of a comparison: the listed headers and the ignored JSON
+/// paths.
 #[derive(Debug, Clone, Default)]
 pub struct CompareSpec {
     pub headers: Vec<HeaderName>,
@@ -195,7 +196,7 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-/// All values of a header joined by ", ", as RFC 9110 section 5.3 allows.
+/// Joins all values of a header with ", ".
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     let values: Vec<String> = headers
         .get_all(name)
