@@ -13,7 +13,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -39,6 +39,9 @@ pub struct CompareTarget {
     route: String,
     spec: CompareSpec,
     max_body_bytes: usize,
+    /// How long a comparison waits for the primary response to complete
+    /// once the secondary responded: the route's copy timeout.
+    primary_wait: Duration,
     sampler: Mutex<DiffSampler>,
     metrics: Metrics,
 }
@@ -99,6 +102,7 @@ impl CompareTarget {
             route: route.name.clone(),
             spec,
             max_body_bytes: config.max_body_bytes,
+            primary_wait: config.timeout,
             sampler: Mutex::new(DiffSampler::new(config.sample_diffs_per_minute)),
             metrics: metrics.clone(),
         }
@@ -272,10 +276,19 @@ impl CompareJob {
 
     /// Waits for the primary response, compares, and records the result.
     pub async fn compare(self, secondary: SecondaryResponse) {
-        let primary = match self.primary.await {
-            Ok(Ok(primary)) => primary,
-            Ok(Err(reason)) => return error(&self.target, &reason),
-            Err(_) => return error(&self.target, "the primary response was not read to its end"),
+        // A client that reads the primary response slowly must not hold
+        // the comparison, and its in-flight slot, for longer than this.
+        let wait = self.target.primary_wait;
+        let primary = match tokio::time::timeout(wait, self.primary).await {
+            Ok(Ok(Ok(primary))) => primary,
+            Ok(Ok(Err(reason))) => return error(&self.target, &reason),
+            Ok(Err(_)) => {
+                return error(&self.target, "the primary response was not read to its end")
+            }
+            Err(_) => {
+                let reason = format!("the primary response did not complete within {wait:?}");
+                return error(&self.target, &reason);
+            }
         };
         let secondary_body = match &secondary.body {
             Ok(body) => body,
