@@ -11,7 +11,7 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{config::Config, proxy::metrics::Metrics, readiness::Readiness};
 
-/// What the admin endpoints read.
+/// Shared state of the admin endpoints.
 #[derive(Clone)]
 pub struct State {
     metrics: Metrics,

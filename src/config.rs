@@ -19,9 +19,11 @@ pub const DEFAULT_OUTBOUND_LISTEN: &str = "127.0.0.1:4140";
 /// Time a new connection gets to send its first bytes before it is treated
 /// as opaque TCP. Server-speaks-first protocols pay this once per connection.
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Same order as nginx's `client_header_timeout` (60s) but shorter, because
-/// the client is a local application, not a remote browser.
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Same as nginx's `client_header_timeout`. hyper 1.x also runs this timer
+/// while an HTTP/1.1 keep-alive connection waits for its next request, so it
+/// bounds idle HTTP/1.1 connections too. A short value would close the idle
+/// pooled connections of ordinary clients.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +35,8 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_MIRROR_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_MIRROR_MAX_IN_FLIGHT: usize = 512;
-/// hyper rejects a read buffer smaller than this many bytes.
+/// Smallest accepted header limit. Below it ordinary requests would fail:
+/// nginx's default `large_client_header_buffers` allows 8 KiB per header line.
 const MIN_HEADER_BYTES: usize = 8192;
 
 /// The request header that tags a call for dispatch or suppresses it.
@@ -541,21 +544,40 @@ fn validate_secondary_url(field: &str, value: &str) -> Result<(), ConfigError> {
 
 /// Serde support for durations written as `500ms`, `2s` or `1m`.
 mod duration {
-    use std::time::Duration;
+    use std::{fmt, time::Duration};
 
-    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use serde::{
+        de::{Error, Visitor},
+        Deserializer, Serializer,
+    };
 
     pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&humantime::format_duration(*value).to_string())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(|_| {
-            D::Error::custom(format!(
-                "invalid duration {text:?}: expected a number with a unit, such as 500ms, 2s or 1m"
-            ))
-        })
+        // The text is parsed inside the visitor, while the deserializer still
+        // handles this value, so serde_yaml_ng tags a parse error with the
+        // field's own path (`routes[0].mirror.timeout`, not `routes[0].mirror`).
+        deserializer.deserialize_str(DurationVisitor)
+    }
+
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as 500ms, 2s or 1m")
+        }
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<Duration, E> {
+            humantime::parse_duration(text).map_err(|_| {
+                E::custom(format!(
+                    "invalid duration {text:?}: expected a number with a unit, such as 500ms, 2s or 1m"
+                ))
+            })
+        }
     }
 }
 

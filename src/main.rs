@@ -15,8 +15,8 @@ use tandem::config::Config;
 struct Cli {
     /// Tokio worker threads (like Envoy's --concurrency); defaults to the
     /// number of CPUs.
-    #[arg(long, global = true, env = "TANDEM_WORKERS")]
-    workers: Option<usize>,
+    #[arg(long, global = true, env = "TANDEM_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,7 +41,7 @@ enum Command {
     /// between them, send traffic and print what each side received.
     Demo {
         /// How long to send traffic, such as 3s.
-        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
         /// Keep the proxy and its admin endpoint running after the summary,
         /// until Ctrl-C.
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn dlq(workers: Option<usize>, command: DlqCommand) -> ExitCode {
+fn dlq(workers: Option<u16>, command: DlqCommand) -> ExitCode {
     let spool = match &command {
         DlqCommand::List { spool } | DlqCommand::Replay { spool, .. } => spool,
     };
@@ -226,13 +226,20 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(
-    workers: Option<usize>,
+    workers: Option<u16>,
     main: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
-        builder.worker_threads(workers.max(1));
-    }
+    // One worker runs everything on the main thread: no work-stealing
+    // scheduler, no cross-thread wake-ups, which is cheaper per request.
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(usize::from(workers));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = builder
         .enable_all()
         .thread_name("tandem-worker")
@@ -249,19 +256,17 @@ fn run(
 }
 
 async fn proxy(config: Config) -> anyhow::Result<()> {
-    let proxy = tandem::proxy::start(config).await?;
-    shutdown_signal().await?;
-    proxy.shutdown().await;
-    Ok(())
-}
-
-/// Waits for SIGTERM (what Kubernetes sends) or Ctrl-C.
-async fn shutdown_signal() -> anyhow::Result<()> {
+    // The handler is installed before the listeners are bound, so a SIGTERM
+    // that arrives as soon as the proxy reports its addresses still drains.
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+
+    let proxy = tandem::proxy::start(config).await?;
     tokio::select! {
         _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutting down"),
+        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
     }
+    proxy.shutdown().await;
     Ok(())
 }

@@ -59,28 +59,42 @@ def notes_for(row: dict) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
+    """Returns the Markdown table of all result rows."""
     header = (
         "| secondary | target | req/s | p50 ms | p99 ms | proxy CPU s | CPU µs/req | peak RSS MiB "
-        "| copies reached | notes |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        "| copies reached | other CPU s | notes |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     lines = []
     for row in rows:
         if "not_measured" in row:
             lines.append(
-                f"| {row['secondary']} | {row['target']} | not measured | | | | | | | {row['not_measured']} |"
+                f"| {row['secondary']} | {row['target']} | not measured | | | | | | | | {row['not_measured']} |"
             )
             continue
         lines.append(
             f"| {row['secondary']} | {row['target']} | {fmt(row['rps'], 0)} | {fmt(row['p50_ms'], 2)} "
             f"| {fmt(row['p99_ms'], 2)} | {fmt(row['proxy_cpu_s'], 2)} | {fmt(row['cpu_us_per_request'], 1)} "
             f"| {fmt(row['peak_rss_mib'], 1)} | {fmt(row.get('copies_reached_pct'), 1, '%')} "
-            f"| {notes_for(row)} |"
+            f"| {fmt(row['other_cpu_s'], 2)} | {notes_for(row)} |"
         )
     return header + "\n".join(lines) + "\n"
 
 
+COLUMNS = """\
+Columns: req/s, p50 and p99 come from wrk. Proxy CPU s is utime + stime of
+the proxy and its child processes during the measured run, from
+/proc/PID/stat; CPU µs/req divides it by wrk's completed requests. Peak RSS
+is VmHWM from /proc/PID/status, summed over nginx's master and worker.
+Copies reached is the secondary's request count divided by the requests the
+primary received in the same window. Other CPU s is machine-wide busy CPU
+time that neither wrk nor a benchmark server used (other programs, kernel
+softirq work, tick rounding); a large value means the run was disturbed.
+"""
+
+
 def ratio(a, b) -> str:
+    """Formats a / b, with a dash when either side is missing."""
     if a is None or b is None or b == 0:
         return "—"
     return f"{a / b:.2f}×"
@@ -116,17 +130,24 @@ def ratios_table(rows: list[dict]) -> str:
 
 
 def markdown_report(meta: dict, rows: list[dict]) -> str:
+    """Returns the Markdown report: parameters, versions, results, ratios."""
     params = meta["parameters"]
     parts = [
         f"## Load benchmark, {meta['started']}\n",
         f"wrk -t{params['threads']} -c{params['connections']}, {params['duration_s']} s per run "
         f"after {params['warmup_s']} s of warm-up; copy timeout {params['mirror_timeout_s']} s; "
         f"slow secondary answers after {params['slow_delay_ms']} ms.\n",
-        "".join(f"- {name}: {value}\n" for name, value in meta["versions"].items()),
+        "".join(f"- {name}: {value}\n" for name, value in meta["versions"].items())
+        + f"- CPUs busy before the servers started: {meta.get('busy_cpus_before_start')}\n",
         results_table(rows),
+        COLUMNS,
     ]
     ratios = ratios_table(rows)
     if ratios:
+        parts.append(
+            "Each ratio is tandem's value divided by the other target's, so above 1 means more "
+            "throughput, or more latency, CPU or memory.\n"
+        )
         parts.append(ratios)
     return "\n".join(parts)
 

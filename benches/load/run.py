@@ -47,6 +47,7 @@ from counters import (
     read_tandem_counters,
 )
 from procstat import (
+    CLOCK_TICKS,
     cpu_seconds,
     established_connections_to,
     machine_cpu_ticks,
@@ -72,6 +73,9 @@ READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 # Latency above this counts as a wrk timeout error instead of a sample.
 WRK_TIMEOUT_S = 10
+# Share of one CPU that other programs may use during a run before the run
+# is reported as disturbed.
+OTHER_CPU_WARNING = 0.2
 
 
 class BenchError(Exception):
@@ -449,19 +453,32 @@ def start_upstream(ctx: Context, name: str, port: int, extra: list[str]) -> Serv
     return server
 
 
-def start_secondary(ctx: Context, state: str, port: int) -> Server | None:
-    """Starts the secondary for state on port. A dead secondary is a port
-    with no listener, so nothing is started for it."""
+@dataclass
+class Secondary:
+    """The secondary API in one state. A dead secondary is a port with no
+    listener, so it has no server."""
+
+    state: str
+    port: int
+    server: Server | None
+
+    @property
+    def counts_requests(self) -> bool:
+        return self.state in ("fast", "slow")
+
+
+def start_secondary(ctx: Context, state: str) -> Secondary:
+    (port,) = free_ports(1)
     if state == "dead":
         if tcp_accepts(port):
             raise BenchError(f"port {port} chosen for the dead secondary already accepts connections")
-        return None
+        return Secondary(state, port, None)
     extra = {
         "fast": [],
         "slow": ["--delay", str(ctx.args.slow_delay_ms)],
         "blackhole": ["--mode", "blackhole"],
     }[state]
-    return start_upstream(ctx, f"secondary-{state}", port, extra)
+    return Secondary(state, port, start_upstream(ctx, f"secondary-{state}", port, extra))
 
 
 def start_proxy(ctx: Context, proxy: str, label: str, secondary_port: int) -> tuple[Server, int, int]:
@@ -513,10 +530,12 @@ def start_proxy(ctx: Context, proxy: str, label: str, secondary_port: int) -> tu
     return server, listen_port, admin_port
 
 
-def measure(ctx: Context, target: str, state: str | None, listen_port: int, server: Server | None,
-            admin_port: int | None, secondary_port: int | None) -> dict:
-    """Warms up, then drives listen_port with wrk and returns one result row."""
+def measure(ctx: Context, target: str, listen_port: int, proxy: Server | None, admin_port: int | None,
+            secondary: Secondary | None) -> dict:
+    """Warms up, then drives listen_port with wrk and returns one result row.
+    proxy and secondary are None for the direct run."""
     args = ctx.args
+    state = secondary.state if secondary else None
     label = target if state is None else f"{target}-{state}"
     if args.warmup > 0:
         run_wrk(ctx.registry, ctx.tools["wrk"], listen_port, args.warmup, args, ctx.run_dir / f"{label}-warmup.wrk.log")
@@ -525,27 +544,32 @@ def measure(ctx: Context, target: str, state: str | None, listen_port: int, serv
         # measured window starts.
         time.sleep(MIRROR_TIMEOUT_S + 0.5 if state in ("slow", "blackhole") else 0.5)
 
-    counted = state in ("fast", "slow")
-    secondary_before = read_count(secondary_port) if counted else None
+    counted = secondary is not None and secondary.counts_requests
+    secondary_before = read_count(secondary.port) if counted else None
     primary_before = read_count(ctx.primary_port)
     tandem_before = read_tandem_counters(admin_port) if target == "tandem" else None
     envoy_before = read_envoy_secondary_stats(admin_port) if target == "envoy" else {}
     nginx_log = ctx.run_dir / label / "nginx-error.log"
     nginx_before = nginx_error_summary(nginx_log) if target == "nginx" else {}
-    proxy_cpu_before = cpu_seconds(server.pid) if server else None
-    primary_cpu_before = cpu_seconds(ctx.primary.pid)
+    watched = {
+        "proxy": proxy.pid if proxy else None,
+        "primary": ctx.primary.pid,
+        "secondary": secondary.server.pid if secondary and secondary.server else None,
+    }
+    cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items() if pid}
     machine_before = machine_cpu_ticks()
 
     wrk = run_wrk(ctx.registry, ctx.tools["wrk"], listen_port, args.duration, args, ctx.run_dir / f"{label}.wrk.log")
 
     machine_after = machine_cpu_ticks()
-    proxy_cpu = cpu_seconds(server.pid) - proxy_cpu_before if server else None
-    primary_cpu = cpu_seconds(ctx.primary.pid) - primary_cpu_before
-    open_secondary = established_connections_to(secondary_port) if secondary_port else None
-    rss_kib = peak_rss_kib(server.pid) if server else None
+    cpu = {name: cpu_seconds(watched[name]) - before for name, before in cpu_before.items()}
+    open_secondary = established_connections_to(secondary.port) if secondary else None
+    rss_kib = peak_rss_kib(proxy.pid) if proxy else None
 
     requests = wrk["requests"]
     seconds = wrk["duration_us"] / 1e6
+    machine_busy_s = (machine_after[0] - machine_before[0]) / CLOCK_TICKS
+    proxy_cpu = cpu.get("proxy")
     row = {
         "target": target,
         "secondary": state or "none",
@@ -558,16 +582,24 @@ def measure(ctx: Context, target: str, state: str | None, listen_port: int, serv
         "p99_9_ms": wrk["p99_9_us"] / 1000,
         "max_ms": wrk["latency_max_us"] / 1000,
         "errors": {k.removeprefix("errors_"): v for k, v in wrk.items() if k.startswith("errors_")},
-        "wrk_cpu_s": wrk["wrk_cpu_s"],
-        "primary_upstream_cpu_s": round(primary_cpu, 3),
-        "machine_cpu_busy_pct": round(
-            100 * (machine_after[0] - machine_before[0]) / max(1, machine_after[1] - machine_before[1]), 1
-        ),
         "proxy_cpu_s": round(proxy_cpu, 3) if proxy_cpu is not None else None,
         "cpu_us_per_request": round(proxy_cpu * 1e6 / requests, 1) if proxy_cpu is not None and requests else None,
         "peak_rss_mib": round(rss_kib / 1024, 1) if rss_kib is not None else None,
+        "wrk_cpu_s": wrk["wrk_cpu_s"],
+        "primary_cpu_s": round(cpu["primary"], 3),
+        "secondary_cpu_s": round(cpu["secondary"], 3) if "secondary" in cpu else None,
+        "machine_busy_cpu_s": round(machine_busy_s, 3),
+        # CPU time that neither wrk nor a server of this benchmark used:
+        # other programs on the machine, the kernel's softirq work and the
+        # rounding of /proc tick counts.
+        "other_cpu_s": round(machine_busy_s - wrk["wrk_cpu_s"] - sum(cpu.values()), 3),
         "secondary_established_at_end": open_secondary,
     }
+    if row["other_cpu_s"] > OTHER_CPU_WARNING * seconds:
+        print(
+            f"warning: processes outside the benchmark used {row['other_cpu_s']:.1f} CPU s "
+            f"during the {seconds:.0f} s run of {label}; its numbers are disturbed"
+        )
 
     # Counters settle after wrk stops: copies of the last requests are still
     # on their way, for at most the copy timeout.
@@ -577,7 +609,7 @@ def measure(ctx: Context, target: str, state: str | None, listen_port: int, serv
     )
     row["primary_received"] = primary_received
     if counted:
-        secondary_after = wait_stable(lambda: read_count(secondary_port), 0.5, MIRROR_TIMEOUT_S + 2.0)
+        secondary_after = wait_stable(lambda: read_count(secondary.port), 0.5, MIRROR_TIMEOUT_S + 2.0)
         if secondary_after is not None and secondary_before is not None:
             received = secondary_after - secondary_before
             row["secondary_received"] = received
@@ -586,14 +618,14 @@ def measure(ctx: Context, target: str, state: str | None, listen_port: int, serv
             # the requests the primary received.
             row["copies_reached_pct"] = percent(received, primary_received)
             row["copies_reached_pct_of_wrk_requests"] = percent(received, requests)
-    elif state in ("dead", "blackhole"):
+    elif secondary is not None:
         # Nothing listens on a dead secondary and a blackhole reads nothing,
         # so no copy can reach either.
         row["secondary_received"] = 0
         row["copies_reached_pct"] = 0.0
 
     if target == "tandem" and tandem_before is not None:
-        row["tandem"] = tandem_accounting(admin_port, tandem_before, row["primary_received"])
+        row["tandem"] = tandem_accounting(admin_port, tandem_before, primary_received)
     if target == "envoy":
         after = wait_stable(lambda: read_envoy_secondary_stats(admin_port), 0.5, MIRROR_TIMEOUT_S + 2.0)
         row["envoy_secondary"] = {k: after.get(k, 0) - envoy_before.get(k, 0) for k in after}
@@ -639,21 +671,23 @@ def tandem_accounting(admin_port: int, before: TandemCounters, primary_received:
     }
 
 
-def run_target(ctx: Context, target: str, state: str | None, secondary_port: int | None) -> dict:
-    label = target if state is None else f"{target}-{state}"
+def run_target(ctx: Context, target: str, secondary: Secondary | None) -> dict:
+    """Measures one target: the primary directly, or a proxy copying to
+    secondary."""
+    label = target if secondary is None else f"{target}-{secondary.state}"
     print(f"\n=== {label} ===", flush=True)
     if target == "direct":
-        row = measure(ctx, "direct", None, ctx.primary_port, None, None, None)
+        row = measure(ctx, "direct", ctx.primary_port, None, None, None)
         print(summary_line(row), flush=True)
         return row
     if target == "tandem" and ctx.binaries.tandem is None:
-        return {"target": target, "secondary": state, "not_measured": ctx.binaries.tandem_error}
+        return {"target": target, "secondary": secondary.state, "not_measured": ctx.binaries.tandem_error}
 
-    server, listen_port, admin_port = start_proxy(ctx, target, label, secondary_port)
+    proxy, listen_port, admin_port = start_proxy(ctx, target, label, secondary.port)
     try:
-        row = measure(ctx, target, state, listen_port, server, admin_port, secondary_port)
+        row = measure(ctx, target, listen_port, proxy, admin_port, secondary)
     finally:
-        ctx.registry.stop(server)
+        ctx.registry.stop(proxy)
     print(summary_line(row), flush=True)
     return row
 
@@ -718,6 +752,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_machine_idle(seconds: float = 1.0) -> float:
+    """Returns how many CPUs were busy over a short sample before any server
+    starts, and warns when other programs already load the machine."""
+    busy_before, _ = machine_cpu_ticks()
+    time.sleep(seconds)
+    busy_after, _ = machine_cpu_ticks()
+    busy_cpus = round((busy_after - busy_before) / CLOCK_TICKS / seconds, 2)
+    if busy_cpus > OTHER_CPU_WARNING:
+        print(f"warning: {busy_cpus} CPUs are busy before the benchmark starts; results will be disturbed")
+    return busy_cpus
+
+
 def run(args: argparse.Namespace, registry: ProcessRegistry) -> int:
     if args.fanout:
         import fanout
@@ -747,6 +793,7 @@ def run(args: argparse.Namespace, registry: ProcessRegistry) -> int:
         },
     }
     print("\n".join(f"{k}: {v}" for k, v in meta["versions"].items()))
+    meta["busy_cpus_before_start"] = check_machine_idle()
     print(f"logs and configs: {run_dir}")
 
     (primary_port,) = free_ports(1)
@@ -755,18 +802,17 @@ def run(args: argparse.Namespace, registry: ProcessRegistry) -> int:
 
     rows: list[dict] = []
     if "direct" in targets:
-        rows.append(run_target(ctx, "direct", None, None))
+        rows.append(run_target(ctx, "direct", None))
     for state in args.secondary:
         for proxy in (p for p in PROXIES if p in targets):
             # A fresh secondary per run starts with no connections held, which
             # matters for the blackhole: it never closes what it accepted.
-            (secondary_port,) = free_ports(1)
-            secondary = start_secondary(ctx, state, secondary_port)
+            secondary = start_secondary(ctx, state)
             try:
-                rows.append(run_target(ctx, proxy, state, secondary_port))
+                rows.append(run_target(ctx, proxy, secondary))
             finally:
-                if secondary is not None:
-                    registry.stop(secondary)
+                if secondary.server is not None:
+                    registry.stop(secondary.server)
 
     report = markdown_report(meta, rows)
     json_path = RESULTS_DIR / f"load-{stamp}.json"

@@ -3,9 +3,9 @@
 //! hyper-util's pooled client keys connections by the request URI's
 //! authority and dials that authority. A transparent proxy must instead dial
 //! the original destination address while the request keeps the authority
-//! the application wrote, so this client pools hyper connections per
-//! [`Endpoint`] itself: idle HTTP/1.1 senders in a list, one shared
-//! multiplexed sender per HTTP/2 endpoint.
+//! the application wrote. So this client pools hyper connections per
+//! [`Endpoint`] itself. It keeps idle HTTP/1.1 senders in a list and one
+//! shared multiplexed sender per HTTP/2 endpoint.
 
 use std::{
     collections::HashMap,
@@ -48,7 +48,7 @@ pub enum Proto {
     Http2,
 }
 
-/// Where a connection goes and how it is set up.
+/// Connection target: socket address, TLS server name and protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -97,6 +97,8 @@ pub struct Client {
 
 struct Inner {
     connect_timeout: Duration,
+    /// Fixed HTTP/1.1 read buffer size; `None` lets hyper size it.
+    read_buffer_bytes: Option<usize>,
     tls_http1: TlsConnector,
     tls_http2: TlsConnector,
     idle: Mutex<HashMap<Endpoint, Vec<IdleSender>>>,
@@ -114,6 +116,23 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 // === impl Client ===
 
 impl Client {
+    /// Returns a client with its own pool whose HTTP/1.1 connections read
+    /// into a fixed buffer of `bytes` instead of one that starts at 8 KiB and
+    /// grows. Meant for responses that are read only to be discarded, where
+    /// many idle connections would otherwise each keep the larger buffer.
+    pub fn with_read_buffer(
+        connect_timeout: Duration,
+        tls: &rustls::ClientConfig,
+        bytes: usize,
+    ) -> Self {
+        let client = Self::new(connect_timeout, tls);
+        let mut inner = Arc::into_inner(client.inner).expect("a new client is not shared");
+        inner.read_buffer_bytes = Some(bytes);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         self.inner.connect_timeout
     }
@@ -129,6 +148,7 @@ impl Client {
         Self {
             inner: Arc::new(Inner {
                 connect_timeout,
+                read_buffer_bytes: None,
                 tls_http1: with_alpn(b"http/1.1"),
                 tls_http2: with_alpn(b"h2"),
                 idle: Mutex::default(),
@@ -180,6 +200,7 @@ impl Client {
 
         let io = self.connect(endpoint).await?;
         let (mut sender, connection) = http1::Builder::new()
+            .read_buf_exact_size(self.inner.read_buffer_bytes)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ClientError::Handshake { addr, source })?;
@@ -320,10 +341,9 @@ pub fn tls_config(
 ) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for cert in extra_roots {
-        // A certificate that fails to parse was already rejected when the
-        // config was loaded, so errors here cannot happen.
-        let _ = roots.add(cert.clone());
+    let (_, ignored) = roots.add_parsable_certificates(extra_roots.iter().cloned());
+    if ignored > 0 {
+        tracing::warn!(ignored, "ignored trust roots that failed to parse");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ClientConfig::builder_with_provider(provider)

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// The HTTP/2 client connection preface (RFC 9113 section 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Longest method token this detector accepts before the first space.
+/// Maximum length of the method token before the first space.
 /// `UPDATEREDIRECTREF` (WebDAV, 17 bytes) is the longest registered method.
 const MAX_METHOD_LEN: usize = 20;
 

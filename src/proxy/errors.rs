@@ -34,7 +34,7 @@ pub enum ProxyError {
     Upstream(#[from] ClientError),
 }
 
-/// Which side of the proxy an error comes from.
+/// Side of the proxy that an error comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     Client,
@@ -63,7 +63,7 @@ impl ProxyError {
         }
     }
 
-    /// A short, bounded name for metric labels and the error header.
+    /// Returns a short, bounded name for metric labels and the error header.
     pub fn error_type(&self) -> &'static str {
         match self {
             ProxyError::NoDestination => "no_destination",

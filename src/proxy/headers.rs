@@ -39,8 +39,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// True for an HTTP/1.1 request that asks to switch protocols (WebSocket,
-/// h2c upgrade): `Connection` names `upgrade` and `Upgrade` is present.
+/// True for an HTTP/1.1 request for a protocol switch (WebSocket, h2c
+/// upgrade): `Connection` names `upgrade` and `Upgrade` is present.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers

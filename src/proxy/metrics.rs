@@ -14,8 +14,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Why a copy did not reach the secondary. Together with the copies that got
-/// a response (and, for fanout, those written to the dead-letter spool)
+/// Reason a copy did not reach the secondary. Together with the copies that
+/// got a response (and, for fanout, those written to the dead-letter spool)
 /// these account for every copy that was due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShedReason {
@@ -26,10 +26,13 @@ pub enum ShedReason {
     /// The primary request body ended early (client abort, read error or the
     /// upstream stopped reading), so no complete copy exists.
     BodyIncomplete,
-    /// The secondary did not answer within the route's timeout.
+    /// The secondary did not respond within the route's timeout.
     Timeout,
     /// No connection to the secondary could be made.
     ConnectFailed,
+    /// A recent connection attempt to the secondary failed, so the copy was
+    /// shed without another attempt until the backoff passes.
+    Unavailable,
     /// The connection to the secondary failed after it was made.
     UpstreamError,
     /// The proxy stopped before the copy was sent.
@@ -47,6 +50,7 @@ impl ShedReason {
             ShedReason::BodyIncomplete => "body_incomplete",
             ShedReason::Timeout => "timeout",
             ShedReason::ConnectFailed => "connect_failed",
+            ShedReason::Unavailable => "unavailable",
             ShedReason::UpstreamError => "upstream_error",
             ShedReason::Shutdown => "shutdown",
             ShedReason::SpoolFailed => "spool_failed",

@@ -1,10 +1,10 @@
 //! The mirror tee: copies a matched request to its route's secondary
 //! without ever altering or delaying the primary request.
 //!
-//! [`MirrorLayer`] sits after routing and before the upstream client. For a
-//! request that matched a mirror route and was sampled, it takes an
-//! in-flight slot (or sheds the copy), clones the head and wraps the body in
-//! a [`TeeBody`] that keeps a capped copy of each frame as the primary
+//! [`MirrorLayer`] sits after routing and before the upstream client. A
+//! request that matched a mirror route and was sampled takes an in-flight
+//! slot, or its copy is shed. The layer clones the head and wraps the body in
+//! a [`TeeBody`], which keeps a capped copy of each frame as the primary
 //! upstream reads it. When the body ends complete, the copy is sent from a
 //! task of its own, so neither the client connection nor the primary
 //! response waits for the secondary.
@@ -31,6 +31,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use super::{
+    backoff::ConnectBackoff,
     body::BufferedBody,
     client::{BoxBody, BoxError, Client, Endpoint, Proto},
     compare::{CompareJob, ResponseTap},
@@ -69,6 +70,7 @@ pub struct MirrorTarget {
     permits: Arc<Semaphore>,
     in_flight: IntGauge,
     resolved: Mutex<Option<(Vec<std::net::SocketAddr>, Instant)>>,
+    backoff: ConnectBackoff,
 }
 
 /// The parts of the primary request that a copy repeats.
@@ -138,6 +140,11 @@ impl Dispatcher {
         if content_length(request.headers()).is_some_and(|len| len > limit as u64) {
             self.metrics
                 .record_shed(&route_name, mode, ShedReason::BodyTooLarge);
+            return (request, false);
+        }
+        if target.backoff.is_backing_off(Instant::now()) {
+            self.metrics
+                .record_shed(&route_name, mode, ShedReason::Unavailable);
             return (request, false);
         }
         let Ok(permit) = Arc::clone(&target.permits).try_acquire_owned() else {
@@ -230,6 +237,7 @@ impl MirrorTarget {
             tls,
             in_flight,
             resolved: Mutex::new(None),
+            backoff: ConnectBackoff::default(),
         }
     }
 
@@ -316,7 +324,7 @@ pub(crate) fn proto_for(version: Version) -> Proto {
 
 // === copies ===
 
-/// A copy that holds an in-flight slot. It records exactly one outcome: a
+/// A copy that owns an in-flight slot. It records exactly one outcome: a
 /// response or a shed reason. Dropped unsettled, it records `on_drop`.
 struct CopySlot {
     target: Arc<MirrorTarget>,
@@ -485,7 +493,10 @@ async fn deliver(
     body: BufferedBody,
     read_limit: Option<usize>,
 ) -> Result<SecondaryResponse, ShedReason> {
-    let addr = target.resolve().await?;
+    let addr = target
+        .resolve()
+        .await
+        .inspect_err(|_| target.backoff.record_failure(Instant::now()))?;
     let request = target.build_request(head, body);
     let endpoint = Endpoint {
         addr,
@@ -495,15 +506,17 @@ async fn deliver(
     let response = client.send(&endpoint, request).await.map_err(|error| {
         tracing::debug!(%error, "mirror request failed");
         if error.is_connect() {
+            target.backoff.record_failure(Instant::now());
             ShedReason::ConnectFailed
         } else {
             ShedReason::UpstreamError
         }
     })?;
+    target.backoff.record_success();
     let (parts, body) = response.into_parts();
     // Reading the body to its end lets the connection go back to the pool.
-    // A body that fails midway still counts as delivered: the secondary got
-    // the whole request and answered.
+    // A body that fails midway still counts as delivered, because the
+    // secondary got the whole request and sent a response head.
     let body = match read_limit {
         None => {
             let _ = body.collect().await;
@@ -586,9 +599,10 @@ where
                         drop(this.copy.take());
                     }
                 }
-                // hyper stops polling a body that reports its end, so the
-                // copy is complete as soon as that happens.
-                if this.inner.is_end_stream() {
+                // hyper stops polling a body that reports its end, and after
+                // trailers, which are always the last frame, so the copy is
+                // complete as soon as either happens.
+                if frame.is_trailers() || this.inner.is_end_stream() {
                     if let Some(copy) = this.copy.take() {
                         copy.finish();
                     }
@@ -691,7 +705,7 @@ where
 
 /// Decides whether a request is copied at `percent`. With a W3C
 /// `traceparent` header the decision is a function of the trace id, so every
-/// hop of one trace decides alike; without one it is random.
+/// hop of one trace decides alike. Without one it is random.
 pub fn sampled(percent: f64, headers: &HeaderMap) -> bool {
     if percent >= 100.0 {
         return true;

@@ -1,5 +1,6 @@
 //! Binds the listeners, builds the outbound stack and drains on shutdown.
 
+pub mod backoff;
 pub mod body;
 pub mod circuit;
 pub mod client;
@@ -38,6 +39,10 @@ use crate::{
     routes::{Mode, RouteTable},
     spool::SpoolError,
 };
+
+/// Read buffer of connections to secondaries, whose responses are read only
+/// to be discarded: large enough for a typical response head in one read.
+const COPY_READ_BUFFER_BYTES: usize = 4096;
 
 /// A running proxy: its bound addresses and the handle that stops it.
 pub struct Proxy {
@@ -80,15 +85,24 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         .expect("a bound listener has an address");
 
     let metrics = Metrics::new();
-    let client = Client::new(config.outbound.connect_timeout, &client::tls_config(&[]));
+    let tls = client::tls_config(&[]);
+    let client = Client::new(config.outbound.connect_timeout, &tls);
     let connections = TaskTracker::new();
     let copies = TaskTracker::new();
     let (drain, drain_rx) = watch::channel(false);
 
+    // Copies have a pool of their own, so a slow secondary never takes
+    // connections or buffers from the primary path. Fanout copies use it
+    // too.
+    let copy_client = Client::with_read_buffer(
+        config.outbound.connect_timeout,
+        &tls,
+        COPY_READ_BUFFER_BYTES,
+    );
     let readiness = Readiness::new();
 
     let routes = RouteTable::new(&config.routes);
-    let (fanout, mut fanout_routes) = Fanout::start(&routes, &client, &metrics, &readiness)?;
+    let (fanout, mut fanout_routes) = Fanout::start(&routes, &copy_client, &metrics, &readiness)?;
     let targets: HashMap<String, RouteTarget> = routes
         .iter()
         .map(|route| {
@@ -130,7 +144,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         metrics: metrics.clone(),
     });
     let dispatcher = Arc::new(Dispatcher::new(
-        client.clone(),
+        copy_client,
         metrics.clone(),
         copies.clone(),
     ));

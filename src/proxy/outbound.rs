@@ -117,7 +117,7 @@ impl Outbound {
                 let connection = conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(self.config.header_read_timeout)
-                    .max_buf_size(self.config.max_request_header_bytes)
+                    .max_header_size(self.config.max_request_header_bytes)
                     .serve_connection(io, service)
                     .with_upgrades();
                 self.drive(connection, &activity, drain, peer).await;
@@ -145,7 +145,9 @@ impl Outbound {
     {
         let idle_timeout = self.config.idle_timeout;
         let mut connection = pin!(connection);
-        let mut check = tokio::time::interval(idle_timeout / 4);
+        // Idle connections are found within a quarter of the timeout.
+        let period = (idle_timeout / 4).max(std::time::Duration::from_millis(1));
+        let mut check = tokio::time::interval(period);
         let mut closing = false;
         loop {
             tokio::select! {
@@ -260,8 +262,9 @@ impl Activity {
         }
     }
 
-    /// How long the connection has had no request in flight; a connection
-    /// that never had one counts as idle since it was accepted.
+    /// Returns how long the connection has had no request in flight, or
+    /// `None` while one is. A connection that never had a request counts as
+    /// idle from the first check.
     fn idle_for(&self) -> Option<std::time::Duration> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;
@@ -280,6 +283,9 @@ impl Activity {
 /// reports the socket's own local address.
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
+    // A dual-stack listener (`[::]`) accepts IPv4 connections with an
+    // IPv4-mapped local address, and conntrack tracks those as IPv4.
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
     let socket = socket2::SockRef::from(stream);
     let dst = if local.is_ipv4() {
         socket.original_dst_v4()

@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use http::{header, uri::Authority, HeaderMap, Request, Response};
+use http::{header, uri::Authority, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -41,7 +41,7 @@ pub struct ConnContext {
     pub proto: Proto,
 }
 
-/// Where the primary request is forwarded.
+/// Destination of the primary request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
     Addr(SocketAddr),
@@ -189,10 +189,18 @@ impl Router {
             .remove(DISPATCH_HEADER)
             .and_then(|value| DispatchTag::parse(&value));
         strip_hop_by_hop(&mut parts.headers);
-        // hyper answers `Expect: 100-continue` itself when the body is first
-        // read, so the upstream must not wait for a second one.
+        // hyper sends `100 Continue` itself when the body is first read, so
+        // the upstream must not be asked for a second one.
         parts.headers.remove(header::EXPECT);
 
+        // RFC 9112 section 3.2.2: a proxy ignores the Host of an
+        // absolute-form request and sends the target's authority instead,
+        // the same one that routing matches on.
+        if ctx.proto == Proto::Http1 {
+            if let Some(authority) = parts.uri.authority() {
+                parts.headers.insert(header::HOST, host_header(authority));
+            }
+        }
         let authority = request_authority(&parts.uri, &parts.headers);
         let destination = self.destination(&ctx, &parts.uri, authority.as_ref())?;
 
@@ -306,6 +314,16 @@ pub fn destination_of(
             port,
         },
     })
+}
+
+/// Returns `host[:port]` of an authority, without any userinfo.
+pub(crate) fn host_header(authority: &Authority) -> HeaderValue {
+    let host = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_string(),
+    };
+    HeaderValue::from_str(&host)
+        .expect("the host and port of an authority are a valid header value")
 }
 
 fn request_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<Authority> {

@@ -14,7 +14,7 @@ use super::{
     client::{connect_tcp, BoxBody, BoxError},
     errors::ProxyError,
     forward::resolve,
-    target::{destination_of, ConnContext, Router},
+    target::{destination_of, host_header, ConnContext, Router},
 };
 use crate::config::DISPATCH_HEADER;
 
@@ -37,7 +37,7 @@ where
     }
 }
 
-/// Answers a `CONNECT host:port` request: connects, replies 200 and then
+/// Handles a `CONNECT host:port` request: connects, replies 200 and then
 /// copies bytes between the upgraded client connection and the upstream.
 pub async fn connect(
     router: &Router,
@@ -102,18 +102,20 @@ pub async fn upgrade(
     });
 
     let client_upgrade = hyper::upgrade::on(&mut request);
+    let absolute = request.uri().authority().is_some();
     let path = request
         .uri()
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_string();
     *request.uri_mut() = path.parse().expect("a path and query is a valid URI");
-    if let (Some(authority), false) = (&authority, request.headers().contains_key(header::HOST)) {
-        let host = authority
-            .as_str()
-            .parse()
-            .expect("an authority is a valid header value");
-        request.headers_mut().insert(header::HOST, host);
+    // An absolute-form target overrides Host, as on the routed path.
+    if let Some(authority) = &authority {
+        if absolute || !request.headers().contains_key(header::HOST) {
+            request
+                .headers_mut()
+                .insert(header::HOST, host_header(authority));
+        }
     }
     let request = request.map(|body| body.map_err(BoxError::from).boxed_unsync());
 
