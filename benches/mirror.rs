@@ -15,7 +15,7 @@ use tandem::{
         headers::strip_hop_by_hop,
         metrics::Metrics,
         mirror::{sampled, Dispatcher, MirrorLayer, MirrorTarget},
-        target::MatchedRoute,
+        target::{BoxFuture, MatchedRoute, RouteTarget},
     },
     routes::{RequestFacts, RouteTable},
 };
@@ -120,19 +120,20 @@ fn tee(c: &mut Criterion) {
         let route = table.iter().nth(1).expect("second route").clone();
         let matched = MatchedRoute {
             route: Arc::clone(&route),
-            mirror: Arc::new(MirrorTarget::new(route, &metrics)),
+            target: RouteTarget::Mirror(Arc::new(MirrorTarget::new(route, &metrics))),
         };
         let client = Client::new(Duration::from_secs(1), &client::tls_config(&[]));
         let dispatcher = Arc::new(Dispatcher::new(client, metrics, TaskTracker::new()));
+        // The layer takes an inner service shaped like the upstream client
+        // step: a boxed future of a boxed-body response.
         let service = MirrorLayer::new(dispatcher).layer(tower::service_fn(
-            |request: Request<BoxBody>| async move {
-                let body = request
-                    .into_body()
-                    .collect()
-                    .await
-                    .expect("body")
-                    .to_bytes();
-                Ok::<_, Infallible>(Response::new(body.len()))
+            |request: Request<BoxBody>| -> BoxFuture<Result<Response<BoxBody>, Infallible>> {
+                Box::pin(async move {
+                    let body = request.into_body().collect().await.expect("body");
+                    Ok(Response::new(
+                        body.map_err(|never| match never {}).boxed_unsync(),
+                    ))
+                })
             },
         ));
         let body = Bytes::from(vec![b'x'; 1024]);

@@ -9,13 +9,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{config::Config, proxy::metrics::Metrics};
+use crate::{config::Config, proxy::metrics::Metrics, readiness::Readiness};
 
 /// Shared state of the admin endpoints.
 #[derive(Clone)]
 pub struct State {
     metrics: Metrics,
     config: Arc<Config>,
+    readiness: Readiness,
 }
 
 impl State {
@@ -23,7 +24,14 @@ impl State {
         Self {
             metrics,
             config: Arc::new(config),
+            readiness: Readiness::new(),
         }
+    }
+
+    /// Makes `/ready` report the problems recorded in `readiness`.
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
     }
 }
 
@@ -71,7 +79,17 @@ fn respond(state: &State, peer: SocketAddr, request: &Request<Incoming>) -> Resp
             );
             response
         }
-        "/ready" => text(StatusCode::OK, "ready\n"),
+        "/ready" => {
+            let problems = state.readiness.problems();
+            if problems.is_empty() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready:\n{}\n", problems.join("\n")),
+                )
+            }
+        }
         "/live" => text(StatusCode::OK, "live\n"),
         // The effective config names internal addresses, so only local
         // callers (an operator on the pod, `kubectl port-forward`) see it.

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::routes::HostGlob;
 
+mod dispatch;
+
+pub use dispatch::*;
+
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:4191";
 pub const DEFAULT_OUTBOUND_LISTEN: &str = "127.0.0.1:4140";
 /// Time a new connection gets to send its first bytes before it is treated
@@ -86,6 +90,10 @@ pub struct RouteConfig {
     pub match_: MatchConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<FanoutConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare: Option<CompareConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -320,12 +328,19 @@ impl RouteConfig {
             ));
         }
         self.match_.validate(&format!("{at}.match"))?;
-        match &self.mirror {
-            Some(mirror) => mirror.validate(&format!("{at}.mirror")),
-            None => Err(invalid(
+        match (&self.mirror, &self.fanout, &self.compare) {
+            (Some(mirror), None, None) => mirror.validate(&format!("{at}.mirror")),
+            (None, Some(fanout), None) => fanout.validate(&format!("{at}.fanout")),
+            (None, None, Some(compare)) => compare.validate(&format!("{at}.compare")),
+            (None, None, None) => Err(invalid(
                 at,
                 &self.name,
-                "a dispatch mode: add a `mirror:` section to the route",
+                "a dispatch mode: add a `mirror:`, `fanout:` or `compare:` section to the route",
+            )),
+            _ => Err(invalid(
+                at,
+                &self.name,
+                "exactly one of `mirror:`, `fanout:` or `compare:` in the route",
             )),
         }
     }

@@ -5,6 +5,9 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod dlq;
 pub mod proxy;
+pub mod readiness;
 pub mod routes;
+pub mod spool;
 pub mod telemetry;

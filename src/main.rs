@@ -10,7 +10,7 @@ use tandem::config::Config;
 #[command(
     name = "tandem",
     version,
-    about = "Sidecar proxy that mirrors outbound HTTP calls to a secondary API"
+    about = "Sidecar proxy that mirrors and fans out outbound HTTP calls to a secondary API"
 )]
 struct Cli {
     /// Tokio worker threads (like Envoy's --concurrency); defaults to the
@@ -48,6 +48,51 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Read or replay the dead-letter spool of fanout routes.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Print the dead-lettered fanout copies, one per line.
+    List {
+        #[command(flatten)]
+        spool: SpoolArgs,
+    },
+    /// Send the dead-lettered copies again, with their original
+    /// idempotency keys. A record is removed once its secondary responds
+    /// with 2xx.
+    Replay {
+        #[command(flatten)]
+        spool: SpoolArgs,
+        /// Print what would be sent, send nothing and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Timeout of one re-sent request, such as 10s.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+#[derive(clap::Args)]
+struct SpoolArgs {
+    /// Spool directory to read. Repeat it for several.
+    #[arg(long = "spool-dir", value_name = "DIR")]
+    spool_dirs: Vec<PathBuf>,
+    /// Config file whose fanout routes name the spool directories, used
+    /// when no --spool-dir is given.
+    #[arg(long, env = "TANDEM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Only records of this route.
+    #[arg(long)]
+    route: Option<String>,
+    /// Only records dead-lettered since this time: a duration back from now
+    /// such as 30m, or an RFC 3339 time such as 2024-05-01T12:00:00Z.
+    #[arg(long)]
+    since: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -75,7 +120,95 @@ fn main() -> ExitCode {
             })
             .await
         }),
+        Command::Dlq { command } => dlq(cli.workers, command),
     }
+}
+
+fn dlq(workers: Option<u16>, command: DlqCommand) -> ExitCode {
+    let spool = match &command {
+        DlqCommand::List { spool } | DlqCommand::Replay { spool, .. } => spool,
+    };
+    let (dirs, filter) = match spool_selection(spool) {
+        Ok(selection) => selection,
+        Err(message) => {
+            eprintln!("tandem: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    match command {
+        DlqCommand::List { .. } => match tandem::dlq::list(&dirs, &filter, &mut out, &mut err) {
+            Ok(totals) => {
+                eprintln!(
+                    "tandem: {} records listed, {} corrupt records skipped",
+                    totals.selected, totals.corrupt
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("tandem: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        DlqCommand::Replay {
+            dry_run, timeout, ..
+        } => {
+            let options = tandem::dlq::ReplayOptions {
+                dry_run,
+                timeout,
+                connect_timeout: tandem::config::DEFAULT_CONNECT_TIMEOUT,
+            };
+            let replayed = run(workers, async move {
+                let totals =
+                    tandem::dlq::replay(&dirs, &filter, &options, &mut out, &mut err).await?;
+                eprintln!(
+                    "tandem: {} records selected, {} delivered and removed, {} failed, {} \
+                     corrupt records skipped",
+                    totals.selected, totals.delivered, totals.failed, totals.corrupt
+                );
+                if totals.failed > 0 {
+                    anyhow::bail!(
+                        "{} records were not delivered and stay in the spool",
+                        totals.failed
+                    );
+                }
+                Ok(())
+            });
+            replayed
+        }
+    }
+}
+
+/// Resolves the spool directories and the record filter of a dlq command.
+fn spool_selection(args: &SpoolArgs) -> Result<(Vec<PathBuf>, tandem::dlq::Filter), String> {
+    let dirs = if !args.spool_dirs.is_empty() {
+        args.spool_dirs.clone()
+    } else if let Some(path) = &args.config {
+        let config = Config::load(Some(path)).map_err(|error| error.to_string())?;
+        let dirs = config.spool_dirs();
+        if dirs.is_empty() {
+            return Err(format!(
+                "config {} has no fanout routes, so it names no spool directory",
+                path.display()
+            ));
+        }
+        dirs
+    } else {
+        return Err("name the spool with --spool-dir DIR or --config FILE".to_string());
+    };
+    let since = args
+        .since
+        .as_deref()
+        .map(|text| tandem::dlq::parse_since(text, std::time::SystemTime::now()))
+        .transpose()?;
+    Ok((
+        dirs,
+        tandem::dlq::Filter {
+            route: args.route.clone(),
+            since,
+        },
+    ))
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

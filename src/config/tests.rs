@@ -157,3 +157,149 @@ fn effective_config_round_trips() {
     let again = Config::from_yaml(&yaml).expect("printed config parses again");
     assert_eq!(again, config);
 }
+
+#[test]
+fn fanout_route_parses_with_defaults() {
+    let config = Config::from_yaml(
+        r#"
+routes:
+  - name: audit
+    match: {path_prefix: /orders, methods: [POST]}
+    fanout:
+      to: [http://127.0.0.1:9191, http://127.0.0.1:9192]
+      retry: {max_attempts: 3, base_delay: 10ms, max_delay: 1s}
+      retry_on: [connect-failure, 5xx, 429]
+      spool_dir: /tmp/tandem-spool
+"#,
+    )
+    .expect("valid fanout route");
+    let fanout = config.routes[0].fanout.as_ref().expect("fanout section");
+    assert_eq!(fanout.to.len(), 2);
+    assert_eq!(fanout.timeout, DEFAULT_FANOUT_TIMEOUT);
+    assert_eq!(fanout.retry.max_attempts, 3);
+    assert_eq!(fanout.retry.base_delay, Duration::from_millis(10));
+    assert_eq!(
+        fanout.retry_on,
+        vec![
+            RetryClass::ConnectFailure,
+            RetryClass::ServerError,
+            RetryClass::TooManyRequests
+        ],
+        "429 written as a YAML number is accepted"
+    );
+    assert_eq!(
+        fanout.circuit_breaker.consecutive_failures,
+        DEFAULT_CIRCUIT_CONSECUTIVE_FAILURES
+    );
+    assert_eq!(fanout.queue_capacity, DEFAULT_FANOUT_QUEUE_CAPACITY);
+    assert_eq!(fanout.max_body_bytes, DEFAULT_FANOUT_MAX_BODY_BYTES);
+    assert_eq!(fanout.spool_fsync_interval, DEFAULT_SPOOL_FSYNC_INTERVAL);
+    assert_eq!(
+        config.spool_dirs(),
+        vec![std::path::PathBuf::from("/tmp/tandem-spool")]
+    );
+
+    let yaml = serde_yaml_ng::to_string(&config).expect("serializes");
+    assert_eq!(Config::from_yaml(&yaml).expect("parses again"), config);
+}
+
+#[test]
+fn compare_route_parses_with_defaults() {
+    let config = Config::from_yaml(
+        r#"
+routes:
+  - name: shadow
+    compare:
+      to: http://127.0.0.1:9090
+      headers: [content-type]
+      ignore_json_paths: ["$.timestamp", "$.items[*].id"]
+"#,
+    )
+    .expect("valid compare route");
+    let compare = config.routes[0].compare.as_ref().expect("compare section");
+    assert_eq!(compare.percent, 100.0);
+    assert_eq!(
+        compare.sample_diffs_per_minute,
+        DEFAULT_COMPARE_SAMPLE_DIFFS_PER_MINUTE
+    );
+    assert_eq!(compare.max_body_bytes, DEFAULT_MIRROR_MAX_BODY_BYTES);
+}
+
+#[test]
+fn invalid_fanout_and_compare_values_name_field() {
+    let cases = [
+        ("routes: [{name: a, fanout: {to: []}}]", "routes[0].fanout.to"),
+        (
+            "routes: [{name: a, fanout: {to: ['http://x:1', 'ftp://y']}}]",
+            "routes[0].fanout.to[1]",
+        ),
+        (
+            "routes: [{name: a, fanout: {to: ['http://x:1', 'http://x:1']}}]",
+            "routes[0].fanout.to[1]",
+        ),
+        (
+            "routes: [{name: a, fanout: {to: ['http://x:1'], retry: {max_attempts: 0}}}]",
+            "routes[0].fanout.retry.max_attempts",
+        ),
+        (
+            "routes: [{name: a, fanout: {to: ['http://x:1'], retry: {base_delay: 2s, max_delay: 1s}}}]",
+            "routes[0].fanout.retry.max_delay",
+        ),
+        (
+            "routes: [{name: a, fanout: {to: ['http://x:1'], circuit_breaker: {consecutive_failures: 0}}}]",
+            "routes[0].fanout.circuit_breaker.consecutive_failures",
+        ),
+        (
+            "routes: [{name: a, fanout: {to: ['http://x:1'], queue_capacity: 0}}]",
+            "routes[0].fanout.queue_capacity",
+        ),
+        (
+            "routes: [{name: a, fanout: {to: ['http://x:1'], spool_dir: ''}}]",
+            "routes[0].fanout.spool_dir",
+        ),
+        (
+            "routes: [{name: a, fanout: {to: ['http://x:1'], spool_fsync_interval: 0s}}]",
+            "routes[0].fanout.spool_fsync_interval",
+        ),
+        (
+            "routes: [{name: a, compare: {to: 'http://x:1', ignore_json_paths: ['id']}}]",
+            "routes[0].compare.ignore_json_paths[0]",
+        ),
+        (
+            "routes: [{name: a, compare: {to: 'http://x:1', headers: ['bad header']}}]",
+            "routes[0].compare.headers[0]",
+        ),
+        (
+            "routes: [{name: a, compare: {to: 'http://x:1', percent: 120}}]",
+            "routes[0].compare.percent",
+        ),
+    ];
+    for (yaml, field) in cases {
+        let error = error_of(yaml);
+        assert!(
+            error.contains(field),
+            "error for {yaml:?} must name {field}: {error}"
+        );
+        assert!(
+            error.contains("expected"),
+            "error for {yaml:?} must say what is expected: {error}"
+        );
+    }
+}
+
+#[test]
+fn unknown_retry_class_is_rejected() {
+    let error = error_of("routes: [{name: a, fanout: {to: ['http://x:1'], retry_on: [4xx]}}]");
+    assert!(error.contains("\"4xx\""), "{error}");
+    assert!(error.contains("connect-failure"), "{error}");
+}
+
+#[test]
+fn route_with_two_modes_is_rejected() {
+    let error = error_of(
+        "routes: [{name: both, mirror: {to: 'http://x:1'}, fanout: {to: ['http://x:2']}}]",
+    );
+    assert!(error.contains("routes[0]"), "{error}");
+    assert!(error.contains("\"both\""), "{error}");
+    assert!(error.contains("exactly one"), "{error}");
+}

@@ -4,7 +4,8 @@
 //! so several proxies can run in one process (the demo and the tests do).
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Latency buckets in seconds: from 0.5 ms, where a loopback hop through the
@@ -13,8 +14,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Reason a copy did not reach the secondary. Together with the copies that got
-/// a response these account for every copy that was due.
+/// Reason a copy did not reach the secondary. Together with the copies that
+/// got a response (and, for fanout, those written to the dead-letter spool)
+/// these account for every copy that was due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShedReason {
     /// The route's `max_in_flight` copies were already in flight.
@@ -35,6 +37,9 @@ pub enum ShedReason {
     UpstreamError,
     /// The proxy stopped before the copy was sent.
     Shutdown,
+    /// A fanout body too large for memory could not be written to its file
+    /// in the spool directory.
+    SpoolFailed,
 }
 
 impl ShedReason {
@@ -48,6 +53,7 @@ impl ShedReason {
             ShedReason::Unavailable => "unavailable",
             ShedReason::UpstreamError => "upstream_error",
             ShedReason::Shutdown => "shutdown",
+            ShedReason::SpoolFailed => "spool_failed",
         }
     }
 }
@@ -68,6 +74,20 @@ pub struct Metrics {
     connections_open: IntGaugeVec,
     connections_total: IntCounterVec,
     proxy_errors: IntCounterVec,
+    fanout: FanoutMetrics,
+}
+
+/// Families of the fanout and compare modes and of the dead-letter spool.
+#[derive(Clone, Debug)]
+pub struct FanoutMetrics {
+    pub attempts: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub dead_lettered: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub circuit_state: IntGaugeVec,
+    pub spool_bytes: IntGauge,
+    pub spool_write_errors: IntCounter,
+    pub compare: IntCounterVec,
 }
 
 impl Metrics {
@@ -94,7 +114,8 @@ impl Metrics {
         let dispatch_due = IntCounterVec::new(
             Opts::new(
                 "tandem_dispatch_due_total",
-                "Copies due after matching and sampling; each one ends as a response or a shed.",
+                "Copies due after matching and sampling; each one ends as a response, a shed \
+                 or, for fanout, a dead letter.",
             ),
             &["route", "mode"],
         )
@@ -148,6 +169,9 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let fanout = FanoutMetrics::new();
+        fanout.register(&registry);
+
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -174,7 +198,12 @@ impl Metrics {
             connections_open,
             connections_total,
             proxy_errors,
+            fanout,
         }
+    }
+
+    pub fn fanout(&self) -> &FanoutMetrics {
+        &self.fanout
     }
 
     pub fn registry(&self) -> &Registry {
@@ -254,5 +283,76 @@ pub fn status_class(status: http::StatusCode) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+impl FanoutMetrics {
+    fn new() -> Self {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        Self {
+            attempts: counter(
+                "tandem_fanout_attempts_total",
+                "Fanout delivery attempts, by outcome: success, 4xx, 429, 5xx, \
+                 connect-failure, reset or timeout.",
+                &["route", "secondary", "outcome"],
+            ),
+            retries: counter(
+                "tandem_fanout_retries_total",
+                "Fanout attempts that were retries of an earlier failed attempt.",
+                &["route", "secondary"],
+            ),
+            dead_lettered: counter(
+                "tandem_fanout_dead_lettered_total",
+                "Fanout copies handed to the dead-letter spool, by reason.",
+                &["route", "reason"],
+            ),
+            queue_depth: gauge(
+                "tandem_fanout_queue_depth",
+                "Fanout copies waiting in a secondary's queue.",
+                &["route", "secondary"],
+            ),
+            circuit_state: gauge(
+                "tandem_circuit_state",
+                "Circuit breaker state per secondary: 0 closed, 1 half-open, 2 open.",
+                &["route", "secondary"],
+            ),
+            spool_bytes: IntGauge::new(
+                "tandem_spool_bytes",
+                "Size of the dead-letter spool files in bytes.",
+            )
+            .expect("valid metric"),
+            spool_write_errors: IntCounter::new(
+                "tandem_spool_write_errors_total",
+                "Failed writes to the dead-letter spool or to a large-body file.",
+            )
+            .expect("valid metric"),
+            compare: counter(
+                "tandem_compare_total",
+                "Compared responses, by result: match, mismatch or error.",
+                &["route", "result"],
+            ),
+        }
+    }
+
+    fn register(&self, registry: &Registry) {
+        for collector in [
+            Box::new(self.attempts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(self.retries.clone()),
+            Box::new(self.dead_lettered.clone()),
+            Box::new(self.queue_depth.clone()),
+            Box::new(self.circuit_state.clone()),
+            Box::new(self.spool_bytes.clone()),
+            Box::new(self.spool_write_errors.clone()),
+            Box::new(self.compare.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
     }
 }

@@ -8,6 +8,10 @@
 //! upstream reads it. When the body ends complete, the copy is sent from a
 //! task of its own, so neither the client connection nor the primary
 //! response waits for the secondary.
+//!
+//! Compare routes take the same path and also tap the primary response
+//! (see [`super::compare`]). Fanout routes share the [`TeeBody`] with a
+//! sink of their own that queues the copies (see [`super::fanout`]).
 
 use std::{
     pin::Pin,
@@ -30,11 +34,15 @@ use super::{
     backoff::ConnectBackoff,
     body::BufferedBody,
     client::{BoxBody, BoxError, Client, Endpoint, Proto},
+    compare::{CompareJob, ResponseTap},
     forward::upstream_uri,
     metrics::{Metrics, ShedReason},
-    target::MatchedRoute,
+    target::{BoxFuture, MatchedRoute, RouteTarget},
 };
-use crate::{config::DISPATCH_HEADER, routes::Route};
+use crate::{
+    config::{MirrorConfig, DISPATCH_HEADER},
+    routes::{Dispatch, Route},
+};
 
 /// Resolved secondary addresses are reused for this long, so a copy does
 /// not pay a DNS lookup, while a changed record is still picked up soon.
@@ -50,6 +58,9 @@ pub struct Dispatcher {
 /// Per-route mirror state: where copies go and how many may be in flight.
 pub struct MirrorTarget {
     route: Arc<Route>,
+    /// The copy settings: the route's mirror section, or those of its
+    /// compare section.
+    settings: MirrorConfig,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     host: String,
@@ -84,37 +95,62 @@ impl Dispatcher {
         }
     }
 
-    /// Starts a copy of `request` when it matched a mirror route and was
-    /// sampled, and returns the request with a teeing body. The request is
-    /// otherwise unchanged.
-    fn tee(&self, request: Request<BoxBody>) -> Request<BoxBody> {
-        let Some(MatchedRoute { route, mirror, .. }) = request.extensions().get::<MatchedRoute>()
-        else {
-            return request;
+    /// Starts the copies that the matched route's mode calls for and
+    /// returns the request with a teeing body, otherwise unchanged. For a compare
+    /// copy it also returns the tap that captures the primary response.
+    fn tee(&self, request: Request<BoxBody>) -> (Request<BoxBody>, Option<ResponseTap>) {
+        let Some(matched) = request.extensions().get::<MatchedRoute>() else {
+            return (request, None);
         };
-        let target = Arc::clone(mirror);
-        let route_name = route.name.as_str();
-        let mode = route.mode().as_str();
-        if !sampled(target.route.mirror.percent, request.headers()) {
-            return request;
+        match &matched.target {
+            RouteTarget::Mirror(target) => {
+                let target = Arc::clone(target);
+                (self.tee_copy(request, target, None).0, None)
+            }
+            RouteTarget::Compare(compare) => {
+                let compare = Arc::clone(compare);
+                let (tap, job) = compare.start(&request);
+                let (request, started) =
+                    self.tee_copy(request, Arc::clone(&compare.copy), Some(job));
+                (request, started.then_some(tap))
+            }
+            RouteTarget::Fanout(fanout) => {
+                let fanout = Arc::clone(fanout);
+                (fanout.tee(request), None)
+            }
+        }
+    }
+
+    /// Starts a mirror or compare copy when the request is sampled and a
+    /// slot is free. Returns the request and whether the copy started.
+    fn tee_copy(
+        &self,
+        request: Request<BoxBody>,
+        target: Arc<MirrorTarget>,
+        compare: Option<CompareJob>,
+    ) -> (Request<BoxBody>, bool) {
+        let route_name = target.route.name.clone();
+        let mode = target.route.mode().as_str();
+        if !sampled(target.settings.percent, request.headers()) {
+            return (request, false);
         }
 
-        self.metrics.record_due(route_name, mode);
-        let limit = target.route.mirror.max_body_bytes;
+        self.metrics.record_due(&route_name, mode);
+        let limit = target.settings.max_body_bytes;
         if content_length(request.headers()).is_some_and(|len| len > limit as u64) {
             self.metrics
-                .record_shed(route_name, mode, ShedReason::BodyTooLarge);
-            return request;
+                .record_shed(&route_name, mode, ShedReason::BodyTooLarge);
+            return (request, false);
         }
         if target.backoff.is_backing_off(Instant::now()) {
             self.metrics
-                .record_shed(route_name, mode, ShedReason::Unavailable);
-            return request;
+                .record_shed(&route_name, mode, ShedReason::Unavailable);
+            return (request, false);
         }
         let Ok(permit) = Arc::clone(&target.permits).try_acquire_owned() else {
             self.metrics
-                .record_shed(route_name, mode, ShedReason::Overloaded);
-            return request;
+                .record_shed(&route_name, mode, ShedReason::Overloaded);
+            return (request, false);
         };
 
         let slot = CopySlot::new(Arc::clone(&target), self.metrics.clone(), permit);
@@ -138,32 +174,33 @@ impl Dispatcher {
             slot,
             client: self.client.clone(),
             tasks: self.tasks.clone(),
+            compare,
         };
 
         if request.body().is_end_stream() {
             pending.send();
-            return request;
+            return (request, true);
         }
-        request.map(|body| {
-            TeeBody {
-                inner: body,
-                copy: Some(pending),
-            }
-            .boxed_unsync()
-        })
+        let request = request.map(|body| TeeBody::new(body, Box::new(pending)).boxed_unsync());
+        (request, true)
     }
 }
 
 // === impl MirrorTarget ===
 
 impl MirrorTarget {
-    /// Builds the target of a validated mirror route.
+    /// Builds the target of a validated mirror or compare route.
+    ///
+    /// # Panics
+    ///
+    /// On a fanout route, which sends its copies through its own queues.
     pub fn new(route: Arc<Route>, metrics: &Metrics) -> Self {
-        let uri: Uri = route
-            .mirror
-            .to
-            .parse()
-            .expect("validated mirror URL parses");
+        let settings = match &route.dispatch {
+            Dispatch::Mirror(mirror) => mirror.clone(),
+            Dispatch::Compare(compare) => compare.copy_settings(),
+            Dispatch::Fanout(_) => panic!("a fanout route has no mirror target"),
+        };
+        let uri: Uri = settings.to.parse().expect("validated mirror URL parses");
         let scheme = uri
             .scheme()
             .cloned()
@@ -185,13 +222,14 @@ impl MirrorTarget {
         let path_prefix = uri.path().trim_end_matches('/').to_string();
         let in_flight = metrics.in_flight(&route.name, route.mode().as_str());
         Self {
-            permits: Arc::new(Semaphore::new(route.mirror.max_in_flight)),
+            permits: Arc::new(Semaphore::new(settings.max_in_flight)),
             host: authority
                 .host()
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
             route,
+            settings,
             scheme,
             authority,
             port,
@@ -238,7 +276,7 @@ impl MirrorTarget {
         let path_and_query = format!("{}{}", self.path_prefix, head.path_and_query);
         let mut headers = head.headers;
 
-        if !self.route.mirror.preserve_host || !headers.contains_key(header::HOST) {
+        if !self.settings.preserve_host || !headers.contains_key(header::HOST) {
             headers.remove(header::HOST);
             if proto == Proto::Http1 {
                 let host = HeaderValue::from_str(self.authority.as_str())
@@ -246,7 +284,7 @@ impl MirrorTarget {
                 headers.insert(header::HOST, host);
             }
         }
-        let authority = match (&proto, self.route.mirror.preserve_host) {
+        let authority = match (&proto, self.settings.preserve_host) {
             (Proto::Http2, true) => head.authority.unwrap_or_else(|| self.authority.clone()),
             _ => self.authority.clone(),
         };
@@ -260,7 +298,8 @@ impl MirrorTarget {
         if !body.has_trailers() && (!body.is_empty() || had_length) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        headers.insert(DISPATCH_HEADER, HeaderValue::from_static("mirror"));
+        let tag = HeaderValue::from_static(self.route.mode().as_str());
+        headers.insert(DISPATCH_HEADER, tag);
 
         let uri = upstream_uri(proto, &self.scheme, &authority, &path_and_query);
         let mut request = Request::new(body.boxed_unsync());
@@ -275,7 +314,7 @@ impl MirrorTarget {
     }
 }
 
-fn proto_for(version: Version) -> Proto {
+pub(crate) fn proto_for(version: Version) -> Proto {
     if version == Version::HTTP_2 {
         Proto::Http2
     } else {
@@ -315,8 +354,9 @@ impl CopySlot {
 
     fn delivered(mut self, status: StatusCode) {
         self.on_drop = None;
-        let route = self.target.route.name.as_str();
-        self.metrics.record_response(route, "mirror", status);
+        let route = &self.target.route;
+        self.metrics
+            .record_response(&route.name, route.mode().as_str(), status);
     }
 }
 
@@ -341,15 +381,19 @@ struct PendingCopy {
     slot: CopySlot,
     client: Client,
     tasks: TaskTracker,
+    /// The comparison that runs once the secondary responds, on compare
+    /// copies only.
+    compare: Option<CompareJob>,
 }
 
-impl PendingCopy {
+impl CopySink for PendingCopy {
     /// Keeps a reference to the frame's data. Returns false when the body
-    /// has grown past the limit and the copy was shed.
+    /// has grown past the limit, and the copy is then shed when dropped.
     fn push(&mut self, frame: &Frame<Bytes>) -> bool {
         if let Some(data) = frame.data_ref() {
             self.len += data.len();
             if self.len > self.limit {
+                self.slot.on_drop = Some(ShedReason::BodyTooLarge);
                 return false;
             }
             if !data.is_empty() {
@@ -361,6 +405,12 @@ impl PendingCopy {
         true
     }
 
+    fn finish(self: Box<Self>) {
+        self.send();
+    }
+}
+
+impl PendingCopy {
     /// Sends the complete copy from a task of its own.
     fn send(self) {
         let PendingCopy {
@@ -370,6 +420,7 @@ impl PendingCopy {
             mut slot,
             client,
             tasks,
+            compare,
             ..
         } = self;
         // From here, a copy dropped before it settles was cut short by the
@@ -378,27 +429,39 @@ impl PendingCopy {
         let body = BufferedBody::new(chunks, trailers);
         tasks.spawn(async move {
             let target = Arc::clone(&slot.target);
-            let timeout = target.route.mirror.timeout;
+            let timeout = target.settings.timeout;
             let started = Instant::now();
-            let outcome =
-                tokio::time::timeout(timeout, deliver(&target, &client, head, body)).await;
+            let limit = compare.as_ref().map(CompareJob::max_body_bytes);
+            let exchange = deliver(&target, &client, head, body, limit);
+            let outcome = tokio::time::timeout(timeout, exchange).await;
+            let mode = target.route.mode().as_str();
             match outcome {
-                Ok(Ok(status)) => {
+                Ok(Ok(secondary)) => {
                     target
                         .route_latency(&slot.metrics)
                         .observe(started.elapsed().as_secs_f64());
+                    let status = secondary.status;
+                    if let Some(job) = compare {
+                        job.compare(secondary).await;
+                    }
                     slot.delivered(status);
                 }
                 Ok(Err(reason)) => {
                     tracing::debug!(
                         route = slot.route(),
                         reason = reason.as_str(),
-                        "mirror copy failed"
+                        "{mode} copy failed"
                     );
+                    if let Some(job) = compare {
+                        job.secondary_failed(reason.as_str());
+                    }
                     slot.shed(reason);
                 }
                 Err(_) => {
-                    tracing::debug!(route = slot.route(), ?timeout, "mirror copy timed out");
+                    tracing::debug!(route = slot.route(), ?timeout, "{mode} copy timed out");
+                    if let Some(job) = compare {
+                        job.secondary_failed("the secondary timed out");
+                    }
                     slot.shed(ShedReason::Timeout);
                 }
             }
@@ -408,18 +471,28 @@ impl PendingCopy {
 
 impl MirrorTarget {
     fn route_latency(&self, metrics: &Metrics) -> prometheus::Histogram {
-        metrics.latency(&self.route.name, "mirror")
+        metrics.latency(&self.route.name, self.route.mode().as_str())
     }
 }
 
-/// Sends one copy and discards the response body. Returns the status, or
-/// the reason the copy failed.
+/// The secondary's response to a copy.
+pub struct SecondaryResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The body when it was read (compare copies only) and fit the limit.
+    pub body: Result<Bytes, String>,
+}
+
+/// Sends one copy. Reads the response body up to `read_limit` bytes when
+/// one is given (compare) and discards it otherwise. Returns the response,
+/// or the reason the copy failed.
 async fn deliver(
     target: &MirrorTarget,
     client: &Client,
     head: CopyHead,
     body: BufferedBody,
-) -> Result<StatusCode, ShedReason> {
+    read_limit: Option<usize>,
+) -> Result<SecondaryResponse, ShedReason> {
     let addr = target
         .resolve()
         .await
@@ -440,21 +513,66 @@ async fn deliver(
         }
     })?;
     target.backoff.record_success();
-    let status = response.status();
+    let (parts, body) = response.into_parts();
     // Reading the body to its end lets the connection go back to the pool.
     // A body that fails midway still counts as delivered, because the
     // secondary got the whole request and sent a response head.
-    let _ = response.into_body().collect().await;
-    Ok(status)
+    let body = match read_limit {
+        None => {
+            let _ = body.collect().await;
+            Err("the body was not read".to_string())
+        }
+        Some(limit) => match http_body_util::Limited::new(body, limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(format!(
+                "the secondary response body is larger than max_body_bytes ({limit} bytes)"
+            )),
+            Err(error) => Err(format!(
+                "failed to read the secondary response body: {error}"
+            )),
+        },
+    };
+    Ok(SecondaryResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// Receiver of the frames that a tee copies from a request body.
+pub(crate) trait CopySink: Send {
+    /// Polls until the sink can take the next frame. Only a sink that
+    /// writes the body to disk ever returns `Pending`, which holds back the
+    /// primary body until the disk catches up.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
+
+    /// Takes a frame. Returns false when the copy was given up; dropping the
+    /// sink then records why.
+    fn push(&mut self, frame: &Frame<Bytes>) -> bool;
+
+    /// Called once the body ended complete. A sink dropped without this
+    /// call records its copies as shed with `body_incomplete`.
+    fn finish(self: Box<Self>);
 }
 
 pin_project! {
     /// The primary request body, passed through frame by frame while a
-    /// capped copy of each frame is kept for the mirror.
+    /// copy of each frame goes to a [`CopySink`].
     pub struct TeeBody<B> {
         #[pin]
         inner: B,
-        copy: Option<PendingCopy>,
+        copy: Option<Box<dyn CopySink>>,
+    }
+}
+
+impl<B> TeeBody<B> {
+    pub(crate) fn new(inner: B, copy: Box<dyn CopySink>) -> Self {
+        Self {
+            inner,
+            copy: Some(copy),
+        }
     }
 }
 
@@ -470,13 +588,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if let Some(copy) = this.copy.as_mut() {
+            std::task::ready!(copy.poll_ready(cx));
+        }
         let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         match &polled {
             Some(Ok(frame)) => {
                 if let Some(copy) = this.copy.as_mut() {
                     if !copy.push(frame) {
-                        let copy = this.copy.take().expect("checked above");
-                        copy.slot.shed(ShedReason::BodyTooLarge);
+                        drop(this.copy.take());
                     }
                 }
                 // hyper stops polling a body that reports its end, and after
@@ -484,18 +604,17 @@ where
                 // complete as soon as either happens.
                 if frame.is_trailers() || this.inner.is_end_stream() {
                     if let Some(copy) = this.copy.take() {
-                        copy.send();
+                        copy.finish();
                     }
                 }
             }
             Some(Err(_)) => {
-                if let Some(copy) = this.copy.take() {
-                    copy.slot.shed(ShedReason::BodyIncomplete);
-                }
+                // Dropping the sink records the copy as incomplete.
+                drop(this.copy.take());
             }
             None => {
                 if let Some(copy) = this.copy.take() {
-                    copy.send();
+                    copy.finish();
                 }
             }
         }
@@ -513,7 +632,8 @@ where
 
 // === layer ===
 
-/// Tower layer that tees matched requests to their mirror.
+/// Tower layer that tees matched requests to their route's secondaries:
+/// mirror, compare and fanout copies all start here.
 #[derive(Clone)]
 pub struct MirrorLayer {
     dispatcher: Arc<Dispatcher>,
@@ -544,7 +664,14 @@ impl<S> tower::Layer<S> for MirrorLayer {
 
 impl<S> tower::Service<Request<BoxBody>> for Mirror<S>
 where
-    S: tower::Service<Request<BoxBody>>,
+    S: tower::Service<
+        Request<BoxBody>,
+        Response = http::Response<BoxBody>,
+        Future = BoxFuture<
+            Result<http::Response<BoxBody>, <S as tower::Service<Request<BoxBody>>>::Error>,
+        >,
+    >,
+    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -555,8 +682,22 @@ where
     }
 
     fn call(&mut self, request: Request<BoxBody>) -> Self::Future {
-        let request = self.dispatcher.tee(request);
-        self.inner.call(request)
+        let (request, tap) = self.dispatcher.tee(request);
+        let response = self.inner.call(request);
+        let Some(tap) = tap else {
+            return response;
+        };
+        // A compare copy also needs the primary response. The tap copies its
+        // frames as the client reads them, so the response is not held back.
+        Box::pin(async move {
+            match response.await {
+                Ok(response) => Ok(tap.attach(response)),
+                Err(error) => {
+                    tap.primary_failed();
+                    Err(error)
+                }
+            }
+        })
     }
 }
 

@@ -2,14 +2,19 @@
 
 pub mod backoff;
 pub mod body;
+pub mod circuit;
 pub mod client;
+pub mod compare;
 pub mod detect;
 pub mod errors;
+pub mod fanout;
 pub mod forward;
 pub mod headers;
 pub mod metrics;
 pub mod mirror;
 pub mod outbound;
+pub mod retry;
+pub mod secondary;
 pub mod target;
 pub mod tunnel;
 
@@ -20,12 +25,20 @@ use tokio_util::task::TaskTracker;
 
 use self::{
     client::Client,
+    compare::CompareTarget,
+    fanout::Fanout,
     metrics::Metrics,
     mirror::{Dispatcher, MirrorTarget},
     outbound::Outbound,
-    target::{destination_of, Router},
+    target::{destination_of, RouteTarget, Router},
 };
-use crate::{admin, config::Config, routes::RouteTable};
+use crate::{
+    admin,
+    config::Config,
+    readiness::Readiness,
+    routes::{Mode, RouteTable},
+    spool::SpoolError,
+};
 
 /// Read buffer of connections to secondaries, whose responses are read only
 /// to be discarded: large enough for a typical response head in one read.
@@ -39,6 +52,7 @@ pub struct Proxy {
     drain: watch::Sender<bool>,
     connections: TaskTracker,
     copies: TaskTracker,
+    fanout: Fanout,
     accept: JoinHandle<()>,
     admin: JoinHandle<()>,
     drain_timeout: Duration,
@@ -54,6 +68,8 @@ pub enum StartError {
     },
     #[error("invalid outbound.default_target {0:?}")]
     DefaultTarget(String),
+    #[error("failed to open the dead-letter spool: {0}")]
+    Spool(#[from] SpoolError),
 }
 
 /// Binds the listeners and starts serving. Returns once both listeners are
@@ -75,11 +91,35 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     let copies = TaskTracker::new();
     let (drain, drain_rx) = watch::channel(false);
 
+    // Copies have a pool of their own, so a slow secondary never takes
+    // connections or buffers from the primary path. Fanout copies use it
+    // too.
+    let copy_client = Client::with_read_buffer(
+        config.outbound.connect_timeout,
+        &tls,
+        COPY_READ_BUFFER_BYTES,
+    );
+    let readiness = Readiness::new();
+
     let routes = RouteTable::new(&config.routes);
-    let mirrors: HashMap<String, Arc<MirrorTarget>> = routes
+    let (fanout, mut fanout_routes) = Fanout::start(&routes, &copy_client, &metrics, &readiness)?;
+    let targets: HashMap<String, RouteTarget> = routes
         .iter()
         .map(|route| {
-            let target = Arc::new(MirrorTarget::new(Arc::clone(route), &metrics));
+            let target = match route.mode() {
+                Mode::Mirror => {
+                    RouteTarget::Mirror(Arc::new(MirrorTarget::new(Arc::clone(route), &metrics)))
+                }
+                Mode::Compare => {
+                    let copy = Arc::new(MirrorTarget::new(Arc::clone(route), &metrics));
+                    RouteTarget::Compare(Arc::new(CompareTarget::new(route, copy, &metrics)))
+                }
+                Mode::Fanout => RouteTarget::Fanout(
+                    fanout_routes
+                        .remove(&route.name)
+                        .expect("every fanout route has fanout state"),
+                ),
+            };
             (route.name.clone(), target)
         })
         .collect();
@@ -97,19 +137,12 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     };
     let router = Arc::new(Router {
         routes,
-        mirrors,
+        targets,
         default_target,
         max_request_body_bytes: config.outbound.max_request_body_bytes,
         listen: outbound_addr,
         metrics: metrics.clone(),
     });
-    // Copies have a pool of their own, so a slow secondary never takes
-    // connections or buffers from the primary path.
-    let copy_client = Client::with_read_buffer(
-        config.outbound.connect_timeout,
-        &tls,
-        COPY_READ_BUFFER_BYTES,
-    );
     let dispatcher = Arc::new(Dispatcher::new(
         copy_client,
         metrics.clone(),
@@ -133,7 +166,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
     ));
     let admin = tokio::spawn(admin::serve(
         admin_listener,
-        admin::State::new(metrics.clone(), config.clone()),
+        admin::State::new(metrics.clone(), config.clone()).with_readiness(readiness),
         drain_rx,
     ));
 
@@ -144,6 +177,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         drain,
         connections,
         copies,
+        fanout,
         accept,
         admin,
         drain_timeout: config.drain_timeout,
@@ -196,8 +230,9 @@ impl Proxy {
     }
 
     /// Stops accepting, lets in-flight requests and copies finish until the
-    /// drain timeout, then stops. Returns true when everything finished in
-    /// time.
+    /// drain timeout, then stops. Fanout copies still queued or in flight
+    /// then are written to the dead-letter spool. Returns true when
+    /// everything finished in time.
     pub async fn shutdown(self) -> bool {
         tracing::info!(timeout = ?self.drain_timeout, "draining");
         let _ = self.drain.send(true);
@@ -207,9 +242,11 @@ impl Proxy {
             let _ = self.accept.await;
             self.connections.wait().await;
             self.copies.wait().await;
+            self.fanout.settled().await;
         })
         .await
         .is_ok();
+        self.fanout.shutdown().await;
         self.admin.abort();
         if drained {
             tracing::info!("drained");

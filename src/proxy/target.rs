@@ -18,7 +18,9 @@ use hyper::body::Incoming;
 use super::{
     body::LimitBody,
     client::{BoxBody, Proto},
+    compare::CompareTarget,
     errors::ProxyError,
+    fanout::FanoutRoute,
     headers::strip_hop_by_hop,
     metrics::{Metrics, NO_ROUTE},
     mirror::MirrorTarget,
@@ -60,13 +62,22 @@ pub struct Target {
 #[derive(Clone)]
 pub struct MatchedRoute {
     pub route: Arc<Route>,
-    pub mirror: Arc<MirrorTarget>,
+    pub target: RouteTarget,
+}
+
+/// Copy targets of a route, by dispatch mode.
+#[derive(Clone)]
+pub enum RouteTarget {
+    Mirror(Arc<MirrorTarget>),
+    Compare(Arc<CompareTarget>),
+    Fanout(Arc<FanoutRoute>),
 }
 
 /// Settings and state the routing step shares across connections.
 pub struct Router {
     pub routes: RouteTable,
-    pub mirrors: HashMap<String, Arc<MirrorTarget>>,
+    /// The copy targets of every route, by route name.
+    pub targets: HashMap<String, RouteTarget>,
     pub default_target: Option<Destination>,
     pub max_request_body_bytes: u64,
     pub listen: SocketAddr,
@@ -223,7 +234,7 @@ impl Router {
             };
             self.routes.find(&facts).map(|route| MatchedRoute {
                 route: Arc::clone(route),
-                mirror: Arc::clone(&self.mirrors[&route.name]),
+                target: self.targets[&route.name].clone(),
             })
         };
         if let Some(matched) = matched {
