@@ -42,13 +42,15 @@ struct PhaseReport {
     statuses: BTreeMap<u16, u64>,
     errors: u64,
     latencies: Vec<Duration>,
-    copies_received: u64,
+    mirror_received: u64,
+    fanout_received: u64,
 }
 
-/// Counts the copies a demo service received.
+/// Counts the copies the demo secondary received, by dispatch mode.
 #[derive(Default)]
 struct Secondary {
-    copies: AtomicU64,
+    mirror_copies: AtomicU64,
+    fanout_copies: AtomicU64,
     slow: AtomicBool,
 }
 
@@ -57,16 +59,25 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let secondary = Arc::new(Secondary::default());
     let secondary_addr = serve_secondary(Arc::clone(&secondary)).await?;
 
-    let config = demo_config(secondary_addr)?;
+    let spool_dir = std::env::temp_dir().join(format!("tandem-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&spool_dir).with_context(|| {
+        format!(
+            "failed to create the demo spool directory {}",
+            spool_dir.display()
+        )
+    })?;
+    let config = demo_config(secondary_addr, &spool_dir)?;
     let proxy = crate::proxy::start(config).await?;
     let outbound = proxy.outbound_addr();
     let admin = proxy.admin_addr();
+    let metrics = proxy.metrics().clone();
 
     println!("tandem demo");
     println!("  primary service    http://{primary_addr}");
     println!("  secondary service  http://{secondary_addr}  (receives the copies)");
     println!("  proxy outbound     http://{outbound}  (clients use it as http_proxy)");
     println!("  route              orders-shadow: POST /orders/* mirrored at 100%, 1s timeout");
+    println!("  route              payments-audit: POST /payments/* fanned out, at least once");
     println!();
 
     let phase_time = options.duration / 2;
@@ -87,24 +98,33 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         &secondary,
     )
     .await?;
-    // Copies still in flight to the slow secondary settle within the route
-    // timeout; waiting for it makes the shed counts final.
+    // Mirror copies still in flight settle within the route timeout, and
+    // the drain gives queued fan-out copies their last chance before they
+    // are written to the spool, so the counts printed below are final.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-
-    print_summary(&[healthy, slow]);
-    print_dispatch_metrics(&proxy.metrics().encode());
-    println!();
-    println!("  metrics            http://{admin}/metrics");
-
     if options.keep_running {
+        print_report(&[healthy, slow], &metrics.encode(), &spool_dir);
+        println!("  metrics            http://{admin}/metrics");
         println!("  the proxy keeps running; press Ctrl-C to stop");
         tokio::signal::ctrl_c().await?;
+        proxy.shutdown().await;
+    } else {
+        proxy.shutdown().await;
+        print_report(&[healthy, slow], &metrics.encode(), &spool_dir);
+        println!("  metrics            http://{admin}/metrics (served while the demo runs; try --keep-running)");
     }
-    proxy.shutdown().await;
     Ok(())
 }
 
-fn demo_config(secondary: SocketAddr) -> anyhow::Result<Config> {
+fn print_report(phases: &[PhaseReport], metrics: &str, spool_dir: &std::path::Path) {
+    print_summary(phases);
+    let samples = parse_metrics(metrics);
+    print_mirror_counters(&samples);
+    print_fanout_counters(&samples, spool_dir);
+    println!();
+}
+
+fn demo_config(secondary: SocketAddr, spool_dir: &std::path::Path) -> anyhow::Result<Config> {
     // The usual admin port when it is free, so the printed address matches
     // a real sidecar's; any free port otherwise.
     let admin = match std::net::TcpListener::bind(DEFAULT_ADMIN_LISTEN) {
@@ -125,7 +145,17 @@ routes:
       percent: 100
       timeout: 1s
       max_in_flight: 64
-"#
+  - name: payments-audit
+    match: {{path_prefix: /payments/, methods: [POST]}}
+    fanout:
+      to: [http://{secondary}]
+      timeout: 1s
+      retry: {{max_attempts: 4, base_delay: 50ms, max_delay: 500ms}}
+      max_in_flight: 64
+      queue_capacity: 2000
+      spool_dir: "{spool}"
+"#,
+        spool = spool_dir.display()
     );
     Config::from_yaml(&yaml).context("the demo config is invalid")
 }
@@ -139,7 +169,8 @@ async fn drive(
     duration: Duration,
     secondary: &Secondary,
 ) -> anyhow::Result<PhaseReport> {
-    let copies_before = secondary.copies.load(Ordering::Relaxed);
+    let mirror_before = secondary.mirror_copies.load(Ordering::Relaxed);
+    let fanout_before = secondary.fanout_copies.load(Ordering::Relaxed);
     let bar = ProgressBar::new(duration.as_millis() as u64);
     bar.set_style(
         ProgressStyle::with_template("  {prefix:24} [{bar:30}] {msg}")
@@ -171,7 +202,8 @@ async fn drive(
         statuses: BTreeMap::new(),
         errors: 0,
         latencies: Vec::new(),
-        copies_received: 0,
+        mirror_received: 0,
+        fanout_received: 0,
     };
     for client in clients {
         let outcome = client.await.context("a demo client panicked")?;
@@ -183,7 +215,8 @@ async fn drive(
     }
     report.sent = sent.load(Ordering::Relaxed);
     bar.finish_with_message(format!("{} requests", report.sent));
-    report.copies_received = secondary.copies.load(Ordering::Relaxed) - copies_before;
+    report.mirror_received = secondary.mirror_copies.load(Ordering::Relaxed) - mirror_before;
+    report.fanout_received = secondary.fanout_copies.load(Ordering::Relaxed) - fanout_before;
     Ok(report)
 }
 
@@ -214,9 +247,11 @@ async fn run_client(
             continue;
         };
         order += 1;
+        // Every other request is a payment, which the fan-out route copies.
+        let kind = if order % 2 == 0 { "payments" } else { "orders" };
         // Absolute-form request target, as an application with
         // http_proxy pointing at the proxy sends it.
-        let request = Request::post(format!("http://{primary}/orders/{client}-{order}"))
+        let request = Request::post(format!("http://{primary}/{kind}/{client}-{order}"))
             .header("host", primary.to_string())
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(format!(
@@ -274,16 +309,19 @@ async fn serve_secondary(state: Arc<Secondary>) -> anyhow::Result<SocketAddr> {
     serve(move |request: Request<Incoming>| {
         let state = Arc::clone(&state);
         async move {
-            let is_copy = request
+            let mode = request
                 .headers()
-                .contains_key(crate::config::DISPATCH_HEADER);
+                .get(crate::config::DISPATCH_HEADER)
+                .map(|value| value.as_bytes().to_vec());
             let _ = request.into_body().collect().await;
             if state.slow.load(Ordering::Relaxed) {
                 tokio::time::sleep(SLOW_SECONDARY_DELAY).await;
             }
-            if is_copy {
-                state.copies.fetch_add(1, Ordering::Relaxed);
-            }
+            match mode.as_deref() {
+                Some(b"mirror") => state.mirror_copies.fetch_add(1, Ordering::Relaxed),
+                Some(b"fanout") => state.fanout_copies.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
             Response::new(Full::new(Bytes::from_static(br#"{"by":"secondary"}"#)))
         }
     })
@@ -320,8 +358,8 @@ where
 fn print_summary(phases: &[PhaseReport]) {
     println!();
     println!(
-        "  {:<24} {:>9} {:>13} {:>9} {:>9} {:>11}",
-        "phase", "requests", "primary 2xx", "p50", "p99", "copies in"
+        "  {:<24} {:>9} {:>13} {:>9} {:>9} {:>10} {:>10}",
+        "phase", "requests", "primary 2xx", "p50", "p99", "mirror in", "fanout in"
     );
     for phase in phases {
         let ok: u64 = phase
@@ -332,7 +370,7 @@ fn print_summary(phases: &[PhaseReport]) {
             .sum();
         let other = phase.sent - ok;
         println!(
-            "  {:<24} {:>9} {:>13} {:>9} {:>9} {:>11}",
+            "  {:<24} {:>9} {:>13} {:>9} {:>9} {:>10} {:>10}",
             phase.name,
             phase.sent,
             if other == 0 {
@@ -342,45 +380,138 @@ fn print_summary(phases: &[PhaseReport]) {
             },
             format_latency(percentile(&phase.latencies, 0.50)),
             format_latency(percentile(&phase.latencies, 0.99)),
-            phase.copies_received,
+            phase.mirror_received,
+            phase.fanout_received,
         );
     }
 }
 
-/// Prints the proxy's own dispatch counters: copies due, copies that got a
-/// response, and copies shed by reason.
-fn print_dispatch_metrics(text: &str) {
-    println!();
-    println!("  proxy dispatch counters (from /metrics)");
-    let mut due = 0.0;
-    let mut answered = 0.0;
-    let mut shed = BTreeMap::<String, f64>::new();
+/// One sample of the Prometheus text format: name, labels and value.
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses the proxy's own `/metrics` text. Label values in it never contain
+/// commas or quotes, because they are route names, modes and reasons.
+fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
     for line in text.lines().filter(|line| !line.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let value: f64 = value.parse().unwrap_or(0.0);
-        if series.starts_with("tandem_dispatch_due_total") {
-            due += value;
-        } else if series.starts_with("tandem_requests_total") && series.contains("role=\"mirror\"")
-        {
-            answered += value;
-        } else if let Some(rest) = series.strip_prefix("tandem_dispatch_shed_total") {
-            let reason = rest
-                .split("reason=\"")
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("unknown");
-            *shed.entry(reason.to_string()).or_default() += value;
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => (name, labels.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split(',')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(key, value)| (key.to_string(), value.trim_matches('"').to_string()))
+            .collect();
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value: value.parse().unwrap_or(0.0),
+        });
+    }
+    samples
+}
+
+/// Sums the samples of `name` whose labels include every pair in `filter`.
+fn sum(samples: &[Sample], name: &str, filter: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|sample| sample.name == name)
+        .filter(|sample| {
+            filter
+                .iter()
+                .all(|(key, value)| sample.labels.get(*key).map(String::as_str) == Some(*value))
+        })
+        .map(|sample| sample.value)
+        .fold(0.0, |total, value| total + value)
+}
+
+/// Sums the samples of `name` per value of the label `by`.
+fn sum_by(
+    samples: &[Sample],
+    name: &str,
+    filter: &[(&str, &str)],
+    by: &str,
+) -> BTreeMap<String, f64> {
+    let mut sums = BTreeMap::new();
+    for sample in samples.iter().filter(|sample| sample.name == name) {
+        let matches = filter
+            .iter()
+            .all(|(key, value)| sample.labels.get(*key).map(String::as_str) == Some(*value));
+        if matches {
+            let key = sample.labels.get(by).cloned().unwrap_or_default();
+            *sums.entry(key).or_default() += sample.value;
         }
     }
-    println!("    copies due        {due}");
-    println!("    copies delivered  {answered}");
-    if shed.is_empty() {
-        println!("    copies shed       0");
+    sums
+}
+
+fn print_counts(label: &str, counts: &BTreeMap<String, f64>) {
+    if counts.values().all(|count| *count == 0.0) {
+        println!("    {label:<18} 0");
     }
-    for (reason, count) in &shed {
-        println!("    copies shed       {count} ({reason})");
+    for (reason, count) in counts.iter().filter(|(_, count)| **count > 0.0) {
+        println!("    {label:<18} {count} ({reason})");
+    }
+}
+
+/// Prints the mirror counters: copies due, copies that got a response, and
+/// copies shed by reason.
+fn print_mirror_counters(samples: &[Sample]) {
+    let mode = [("mode", "mirror")];
+    println!();
+    println!("  mirror (orders-shadow), from the proxy's /metrics");
+    println!(
+        "    {:<18} {}",
+        "copies due",
+        sum(samples, "tandem_dispatch_due_total", &mode)
+    );
+    let delivered = sum(samples, "tandem_requests_total", &[("role", "mirror")]);
+    println!("    {:<18} {delivered}", "copies delivered");
+    print_counts(
+        "copies shed",
+        &sum_by(samples, "tandem_dispatch_shed_total", &mode, "reason"),
+    );
+}
+
+/// Prints the fan-out counters and where the dead letters went.
+fn print_fanout_counters(samples: &[Sample], spool_dir: &std::path::Path) {
+    let mode = [("mode", "fanout")];
+    let route = [("route", "payments-audit")];
+    let due = sum(samples, "tandem_dispatch_due_total", &mode);
+    let delivered = sum(samples, "tandem_requests_total", &[("role", "fanout")]);
+    let retries = sum(samples, "tandem_fanout_retries_total", &route);
+    let dead = sum_by(
+        samples,
+        "tandem_fanout_dead_lettered_total",
+        &route,
+        "reason",
+    );
+    let shed = sum_by(samples, "tandem_dispatch_shed_total", &mode, "reason");
+    println!();
+    println!("  fanout (payments-audit), from the proxy's /metrics");
+    println!("    {:<18} {due}", "copies due");
+    println!("    {:<18} {delivered}", "copies delivered");
+    println!("    {:<18} {retries}", "retries");
+    print_counts("dead-lettered", &dead);
+    print_counts("copies shed", &shed);
+    let accounted = delivered + dead.values().sum::<f64>() + shed.values().sum::<f64>();
+    if accounted == due {
+        println!("    every copy is accounted for: delivered + dead-lettered + shed = due");
+    } else {
+        println!("    {} copies are not settled yet", due - accounted);
+    }
+    if dead.values().any(|count| *count > 0.0) {
+        let dir = spool_dir.display();
+        println!("    list the dead letters:   tandem dlq list --spool-dir {dir}");
+        println!("    send them again:         tandem dlq replay --spool-dir {dir}");
     }
 }
 
