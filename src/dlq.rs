@@ -294,7 +294,7 @@ async fn send(
     };
     let trailers = meta.trailers.as_deref().map(header_map).transpose()?;
     let body = file_body(reader.path(), record.body_offset, record.body_len, trailers)?;
-    let mut request = prepared.build(meta.attempts + 1, body);
+    let mut request = prepared.build(Some(meta.attempts + 1), body);
     request.headers_mut().insert(
         crate::config::DISPATCH_HEADER,
         HeaderValue::from_static("fanout"),

@@ -43,12 +43,14 @@ use super::{
     metrics::{Metrics, ShedReason},
     mirror::TeeBody,
     retry::{classify_status, Failure, RetryPolicy},
-    secondary::{file_body, PreparedRequest, RequestHead, SecondaryUrl, IDEMPOTENCY_KEY_HEADER},
+    secondary::{
+        file_body, BodyShape, PreparedRequest, RequestHead, SecondaryUrl, IDEMPOTENCY_KEY_HEADER,
+    },
 };
 use crate::{
     config::{FanoutConfig, RetryClass},
     readiness::Readiness,
-    routes::{Dispatch, RouteTable},
+    routes::{Dispatch, Mode, RouteTable},
     spool::{self, BodyFile, DeadLetter, LetterBody, RecordMeta, Spool, SpoolError},
 };
 
@@ -327,17 +329,7 @@ impl FanoutRoute {
                 HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
                     .expect("a UUID is a valid header value")
             });
-        let head = RequestHead {
-            method: request.method().clone(),
-            path_and_query: request
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string()),
-            version: request.version(),
-            headers: request.headers().clone(),
-            authority: request.uri().authority().cloned(),
-            had_content_length: request.headers().contains_key(http::header::CONTENT_LENGTH),
-        };
+        let head = RequestHead::of(&request);
         let sink = FanoutSink::new(Arc::clone(&self), head, idempotency_key, due);
 
         if request.body().is_end_stream() {
@@ -363,12 +355,16 @@ impl FanoutRoute {
         let body = Arc::new(body);
         let key_text = String::from_utf8_lossy(idempotency_key.as_bytes()).into_owned();
         for queue in &self.queues {
+            let shape = BodyShape {
+                len: body_len,
+                has_trailers,
+            };
             let prepared = queue.secondary.url.prepare(
                 &head,
-                body_len,
-                has_trailers,
+                shape,
                 self.ctx.config.preserve_host,
-                &idempotency_key,
+                Mode::Fanout,
+                Some(&idempotency_key),
             );
             let copy = FanoutCopy {
                 ctx: Arc::clone(&self.ctx),
@@ -573,7 +569,7 @@ impl FanoutCopy {
             // retried like a broken connection.
             reset(format!("reset: failed to read the spooled body: {error}"))
         })?;
-        let request = self.prepared.build(self.attempts, body);
+        let request = self.prepared.build(Some(self.attempts), body);
         let endpoint = self.secondary.url.endpoint(addr, self.prepared.proto);
         let response = self
             .ctx

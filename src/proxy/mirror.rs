@@ -15,38 +15,33 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Request, StatusCode, Version};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use prometheus::IntGauge;
-use rustls::pki_types::ServerName;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use super::{
     backoff::ConnectBackoff,
     body::BufferedBody,
-    client::{BoxBody, BoxError, Client, Endpoint, Proto},
+    client::{BoxBody, BoxError, Client, Proto},
     compare::{CompareJob, ResponseTap},
-    forward::upstream_uri,
     metrics::{Metrics, ShedReason},
+    secondary::{BodyShape, RequestHead, SecondaryUrl},
     target::{BoxFuture, MatchedRoute, RouteTarget},
 };
 use crate::{
-    config::{MirrorConfig, DISPATCH_HEADER},
+    config::MirrorConfig,
     routes::{Dispatch, Route},
 };
-
-/// Resolved secondary addresses are reused for this long, so a copy does
-/// not pay a DNS lookup, while a changed record is still picked up soon.
-const RESOLVE_TTL: Duration = Duration::from_secs(5);
 
 /// Sends copies for every mirror route. Shared by all connections.
 pub struct Dispatcher {
@@ -61,27 +56,10 @@ pub struct MirrorTarget {
     /// The copy settings: the route's mirror section, or those of its
     /// compare section.
     settings: MirrorConfig,
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
-    host: String,
-    port: u16,
-    path_prefix: String,
-    tls: Option<ServerName<'static>>,
+    secondary: SecondaryUrl,
     permits: Arc<Semaphore>,
     in_flight: IntGauge,
-    resolved: Mutex<Option<(Vec<std::net::SocketAddr>, Instant)>>,
     backoff: ConnectBackoff,
-}
-
-/// The parts of the primary request that a copy repeats.
-struct CopyHead {
-    method: Method,
-    path_and_query: String,
-    version: Version,
-    headers: HeaderMap,
-    /// The authority the application addressed, for `preserve_host`.
-    authority: Option<http::uri::Authority>,
-    had_content_length: bool,
 }
 
 // === impl Dispatcher ===
@@ -154,17 +132,7 @@ impl Dispatcher {
         };
 
         let slot = CopySlot::new(Arc::clone(&target), self.metrics.clone(), permit);
-        let head = CopyHead {
-            method: request.method().clone(),
-            path_and_query: request
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string()),
-            version: request.version(),
-            headers: request.headers().clone(),
-            authority: request.uri().authority().cloned(),
-            had_content_length: request.headers().contains_key(header::CONTENT_LENGTH),
-        };
+        let head = RequestHead::of(&request);
         let pending = PendingCopy {
             head,
             chunks: Vec::new(),
@@ -200,117 +168,39 @@ impl MirrorTarget {
             Dispatch::Compare(compare) => compare.copy_settings(),
             Dispatch::Fanout(_) => panic!("a fanout route has no mirror target"),
         };
-        let uri: Uri = settings.to.parse().expect("validated mirror URL parses");
-        let scheme = uri
-            .scheme()
-            .cloned()
-            .expect("validated mirror URL has a scheme");
-        let authority = uri
-            .authority()
-            .cloned()
-            .expect("validated mirror URL has an authority");
-        let tls = (scheme == http::uri::Scheme::HTTPS).then(|| {
-            let host = authority
-                .host()
-                .trim_start_matches('[')
-                .trim_end_matches(']');
-            ServerName::try_from(host.to_string()).expect("validated mirror host is a server name")
-        });
-        let port = authority
-            .port_u16()
-            .unwrap_or(if tls.is_some() { 443 } else { 80 });
-        let path_prefix = uri.path().trim_end_matches('/').to_string();
+        let secondary =
+            SecondaryUrl::parse(&settings.to).expect("a validated secondary URL parses");
         let in_flight = metrics.in_flight(&route.name, route.mode().as_str());
         Self {
             permits: Arc::new(Semaphore::new(settings.max_in_flight)),
-            host: authority
-                .host()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
             route,
             settings,
-            scheme,
-            authority,
-            port,
-            path_prefix,
-            tls,
+            secondary,
             in_flight,
-            resolved: Mutex::new(None),
             backoff: ConnectBackoff::default(),
         }
     }
 
     async fn resolve(&self) -> Result<std::net::SocketAddr, ShedReason> {
-        if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
-            return Ok((ip, self.port).into());
-        }
-        {
-            let cached = self
-                .resolved
-                .lock()
-                .expect("resolve cache lock is never poisoned");
-            if let Some((addrs, at)) = cached.as_ref() {
-                if at.elapsed() < RESOLVE_TTL && !addrs.is_empty() {
-                    return Ok(addrs[rand::random_range(0..addrs.len())]);
-                }
-            }
-        }
-        let addrs: Vec<_> = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await
-            .map_err(|error| {
-                tracing::debug!(%error, host = %self.host, "failed to resolve the secondary");
-                ShedReason::ConnectFailed
-            })?
-            .collect();
-        let first = *addrs.first().ok_or(ShedReason::ConnectFailed)?;
-        *self
-            .resolved
-            .lock()
-            .expect("resolve cache lock is never poisoned") = Some((addrs, Instant::now()));
-        Ok(first)
+        self.secondary.resolve().await.map_err(|error| {
+            tracing::debug!(%error, secondary = %self.secondary.url, "failed to resolve the secondary");
+            ShedReason::ConnectFailed
+        })
     }
 
-    fn build_request(&self, head: CopyHead, body: BufferedBody) -> Request<BoxBody> {
-        let proto = proto_for(head.version);
-        let path_and_query = format!("{}{}", self.path_prefix, head.path_and_query);
-        let mut headers = head.headers;
-
-        if !self.settings.preserve_host || !headers.contains_key(header::HOST) {
-            headers.remove(header::HOST);
-            if proto == Proto::Http1 {
-                let host = HeaderValue::from_str(self.authority.as_str())
-                    .expect("an authority is a valid header value");
-                headers.insert(header::HOST, host);
-            }
-        }
-        let authority = match (&proto, self.settings.preserve_host) {
-            (Proto::Http2, true) => head.authority.unwrap_or_else(|| self.authority.clone()),
-            _ => self.authority.clone(),
+    fn build_request(&self, head: &RequestHead, body: BufferedBody) -> Request<BoxBody> {
+        let shape = BodyShape {
+            len: body.len(),
+            has_trailers: body.has_trailers(),
         };
-
-        // The copy is framed by the body it carries, whatever the original
-        // framing was: an exact length when it has no trailers, chunked
-        // otherwise (HTTP/1.1 sends trailers only in chunked framing).
-        headers.remove(header::TRANSFER_ENCODING);
-        headers.remove(header::CONTENT_LENGTH);
-        let had_length = head.had_content_length;
-        if !body.has_trailers() && (!body.is_empty() || had_length) {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        }
-        let tag = HeaderValue::from_static(self.route.mode().as_str());
-        headers.insert(DISPATCH_HEADER, tag);
-
-        let uri = upstream_uri(proto, &self.scheme, &authority, &path_and_query);
-        let mut request = Request::new(body.boxed_unsync());
-        *request.method_mut() = head.method;
-        *request.uri_mut() = uri;
-        *request.version_mut() = match proto {
-            Proto::Http1 => Version::HTTP_11,
-            Proto::Http2 => Version::HTTP_2,
-        };
-        *request.headers_mut() = headers;
-        request
+        let prepared = self.secondary.prepare(
+            head,
+            shape,
+            self.settings.preserve_host,
+            self.route.mode(),
+            None,
+        );
+        prepared.build(None, body.boxed_unsync())
     }
 }
 
@@ -373,7 +263,7 @@ impl Drop for CopySlot {
 
 /// A copy whose body is still being read from the client.
 struct PendingCopy {
-    head: CopyHead,
+    head: RequestHead,
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
@@ -489,7 +379,7 @@ pub struct SecondaryResponse {
 async fn deliver(
     target: &MirrorTarget,
     client: &Client,
-    head: CopyHead,
+    head: RequestHead,
     body: BufferedBody,
     read_limit: Option<usize>,
 ) -> Result<SecondaryResponse, ShedReason> {
@@ -497,12 +387,10 @@ async fn deliver(
         .resolve()
         .await
         .inspect_err(|_| target.backoff.record_failure(Instant::now()))?;
-    let request = target.build_request(head, body);
-    let endpoint = Endpoint {
-        addr,
-        tls: target.tls.clone(),
-        proto: proto_for(request.version()),
-    };
+    let request = target.build_request(&head, body);
+    let endpoint = target
+        .secondary
+        .endpoint(addr, proto_for(request.version()));
     let response = client.send(&endpoint, request).await.map_err(|error| {
         tracing::debug!(%error, "mirror request failed");
         if error.is_connect() {

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::routes::Mode;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{
@@ -31,7 +32,8 @@ use super::{
 pub const ATTEMPT_HEADER: &str = "tandem-attempt";
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
-/// Resolved addresses are reused for this long, like mirror targets do.
+/// Resolved addresses are reused for this long, so a copy does not pay a
+/// DNS lookup, while a changed record is still picked up soon.
 const RESOLVE_TTL: Duration = Duration::from_secs(5);
 
 /// A secondary's base URL, parsed.
@@ -59,6 +61,13 @@ pub struct PreparedRequest {
     pub headers: HeaderMap,
 }
 
+/// Length and trailers of the body a copy carries, which set its framing.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyShape {
+    pub len: u64,
+    pub has_trailers: bool,
+}
+
 /// The parts of a client request that a copy repeats.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
@@ -69,6 +78,25 @@ pub struct RequestHead {
     /// The authority the application addressed, for `preserve_host`.
     pub authority: Option<Authority>,
     pub had_content_length: bool,
+}
+
+// === impl RequestHead ===
+
+impl RequestHead {
+    /// Copies the parts of `request` that a copy repeats.
+    pub fn of<B>(request: &Request<B>) -> Self {
+        Self {
+            method: request.method().clone(),
+            path_and_query: request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string()),
+            version: request.version(),
+            headers: request.headers().clone(),
+            authority: request.uri().authority().cloned(),
+            had_content_length: request.headers().contains_key(header::CONTENT_LENGTH),
+        }
+    }
 }
 
 // === impl SecondaryUrl ===
@@ -151,15 +179,15 @@ impl SecondaryUrl {
     }
 
     /// Prepares the copy of a client request for this secondary: the path
-    /// prefix, Host or `:authority`, framing headers, the dispatch tag and
-    /// the idempotency key.
+    /// prefix, Host or `:authority`, framing headers, the dispatch tag of
+    /// `mode` and, for fanout, the idempotency key.
     pub fn prepare(
         &self,
         head: &RequestHead,
-        body_len: u64,
-        has_trailers: bool,
+        body: BodyShape,
         preserve_host: bool,
-        idempotency_key: &HeaderValue,
+        mode: Mode,
+        idempotency_key: Option<&HeaderValue>,
     ) -> PreparedRequest {
         let proto = if head.version == Version::HTTP_2 {
             Proto::Http2
@@ -184,18 +212,21 @@ impl SecondaryUrl {
             _ => self.authority.clone(),
         };
 
-        // Framing follows the body the copy carries, as for mirror copies:
-        // an exact length without trailers, chunked with them.
+        // The copy is framed by the body it carries, whatever the original
+        // framing was: an exact length when it has no trailers, chunked
+        // otherwise (HTTP/1.1 sends trailers only in chunked framing).
         headers.remove(header::TRANSFER_ENCODING);
         headers.remove(header::CONTENT_LENGTH);
-        if !has_trailers && (body_len > 0 || head.had_content_length) {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+        if !body.has_trailers && (body.len > 0 || head.had_content_length) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len));
         }
         headers.insert(
             crate::config::DISPATCH_HEADER,
-            HeaderValue::from_static("fanout"),
+            HeaderValue::from_static(mode.as_str()),
         );
-        headers.insert(IDEMPOTENCY_KEY_HEADER, idempotency_key.clone());
+        if let Some(key) = idempotency_key {
+            headers.insert(IDEMPOTENCY_KEY_HEADER, key.clone());
+        }
 
         PreparedRequest {
             method: head.method.clone(),
@@ -219,8 +250,9 @@ impl PreparedRequest {
         )
     }
 
-    /// Builds the request of attempt number `attempt`.
-    pub fn build(&self, attempt: u32, body: BoxBody) -> Request<BoxBody> {
+    /// Builds the request. Fanout numbers its attempts from 1 in the
+    /// attempt header; mirror and compare send one request without it.
+    pub fn build(&self, attempt: Option<u32>, body: BoxBody) -> Request<BoxBody> {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = upstream_uri(
@@ -234,7 +266,9 @@ impl PreparedRequest {
             Proto::Http2 => Version::HTTP_2,
         };
         let mut headers = self.headers.clone();
-        headers.insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
+        if let Some(attempt) = attempt {
+            headers.insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
+        }
         *request.headers_mut() = headers;
         request
     }
@@ -284,12 +318,16 @@ mod tests {
     fn prepare_sets_fanout_headers() {
         let secondary = SecondaryUrl::parse("http://127.0.0.1:9191/v2/").unwrap();
         let key = HeaderValue::from_static("key-1");
+        let body = BodyShape {
+            len: 5,
+            has_trailers: false,
+        };
         let prepared = secondary.prepare(
             &head(&[("host", "orders.svc"), ("transfer-encoding", "chunked")]),
-            5,
+            body,
             false,
-            false,
-            &key,
+            Mode::Fanout,
+            Some(&key),
         );
         assert_eq!(prepared.url(), "http://127.0.0.1:9191/v2/orders?id=7");
         assert_eq!(prepared.headers["host"], "127.0.0.1:9191");
@@ -299,7 +337,7 @@ mod tests {
         assert_eq!(prepared.headers["idempotency-key"], "key-1");
 
         let request = prepared.build(
-            3,
+            Some(3),
             http_body_util::Empty::new()
                 .map_err(|n| match n {})
                 .boxed_unsync(),
@@ -312,7 +350,17 @@ mod tests {
     fn preserve_host_keeps_host() {
         let secondary = SecondaryUrl::parse("http://127.0.0.1:9191").unwrap();
         let key = HeaderValue::from_static("k");
-        let prepared = secondary.prepare(&head(&[("host", "orders.svc")]), 0, true, true, &key);
+        let body = BodyShape {
+            len: 0,
+            has_trailers: true,
+        };
+        let prepared = secondary.prepare(
+            &head(&[("host", "orders.svc")]),
+            body,
+            true,
+            Mode::Fanout,
+            Some(&key),
+        );
         assert_eq!(prepared.headers["host"], "orders.svc");
         assert!(
             !prepared.headers.contains_key("content-length"),
