@@ -27,7 +27,8 @@ def notes_for(row: dict) -> str:
     """Summarizes wrk errors and each proxy's own account of the copies."""
     notes = []
     if row.get("disturbed"):
-        notes.append(f"disturbed by other programs in all {row['attempts']} runs")
+        runs = "its only run" if row["attempts"] == 1 else f"all {row['attempts']} runs"
+        notes.append(f"disturbed by other programs in {runs}")
     errors = {k: v for k, v in row.get("errors", {}).items() if v}
     if errors:
         notes.append("wrk errors " + ", ".join(f"{k} {v}" for k, v in errors.items()))
@@ -149,7 +150,7 @@ def markdown_report(meta: dict, rows: list[dict]) -> str:
         f"## Load benchmark, {meta['started']}\n",
         f"wrk -t{params['threads']} -c{params['connections']}, {params['duration_s']} s per run "
         f"after {params['warmup_s']} s of warm-up; copy timeout {params['mirror_timeout_s']} s; "
-        f"slow secondary answers after {params['slow_delay_ms']} ms.\n",
+        f"slow secondary responds after {params['slow_delay_ms']} ms.\n",
         "".join(f"- {name}: {value}\n" for name, value in meta["versions"].items())
         + f"- CPUs busy before the servers started: {meta.get('busy_cpus_before_start')}\n",
         results_table(rows),

@@ -25,6 +25,7 @@ sys.dont_write_bytecode = True
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -53,10 +54,10 @@ from procstat import (
     established_connections_to,
     machine_cpu_ticks,
     peak_rss_kib,
-    thread_count,
     pid_alive,
     process_tree,
     signal_pid,
+    thread_count,
 )
 from report import markdown_report, summary_line
 
@@ -78,6 +79,9 @@ WRK_TIMEOUT_S = 10
 # Share of one CPU that other programs may use during a run before the run
 # is reported as disturbed.
 OTHER_CPU_WARNING = 0.2
+# nginx logs one line per failed copy, tens of MB per run with a dead
+# secondary, so only the start of its error log is kept once counted.
+NGINX_LOG_LINES_KEPT = 1000
 
 
 class BenchError(Exception):
@@ -378,6 +382,41 @@ def collect_versions(tools: dict[str, str], binaries: Binaries) -> dict[str, str
     return versions
 
 
+def source_revision() -> str:
+    """Returns the repository's HEAD commit, marked dirty when tracked files
+    differ from it, or "unknown" outside a git checkout."""
+    commit = first_line(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
+    if commit == "unknown":
+        return commit
+    status = subprocess.run(
+        ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--untracked-files=no"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    return f"{commit} (dirty)" if status.stdout.strip() else commit
+
+
+def pin_binaries(binaries: Binaries, run_dir: Path) -> tuple[Binaries, dict[str, str]]:
+    """Copies the binaries under test into run_dir/bin, so that a cargo build
+    running next to the benchmark cannot replace them between runs. Returns
+    the copies and a short SHA-256 of each."""
+    bin_dir = run_dir / "bin"
+    bin_dir.mkdir()
+    digests = {}
+
+    def pin(path: str | None, name: str) -> str | None:
+        if path is None:
+            return None
+        copy = bin_dir / name
+        shutil.copy2(path, copy)
+        digests[name] = hashlib.sha256(copy.read_bytes()).hexdigest()[:16]
+        return str(copy)
+
+    pinned = Binaries(pin(binaries.upstream, "bench_upstream"), pin(binaries.tandem, "tandem"), binaries.tandem_error)
+    return pinned, digests
+
+
 def _memory_total() -> str:
     match = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
     return f"{int(match.group(1)) / 1024 / 1024:.1f} GiB" if match else "unknown"
@@ -657,7 +696,19 @@ def measure(ctx: Context, target: str, label: str, listen_port: int, proxy: Serv
     if target == "nginx":
         after = nginx_error_summary(nginx_log)
         row["nginx_error_log"] = {k: v - nginx_before.get(k, 0) for k, v in after.items()}
+        truncate_log(nginx_log, NGINX_LOG_LINES_KEPT)
     return row
+
+
+def truncate_log(path: Path, keep_lines: int) -> None:
+    """Keeps the first keep_lines lines of a log whose lines were counted
+    already, and appends a line with the number of lines dropped."""
+    if not path.exists():
+        return
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    if len(lines) > keep_lines:
+        dropped = len(lines) - keep_lines
+        path.write_text("".join(lines[:keep_lines]) + f"[run.py dropped the remaining {dropped} lines]\n")
 
 
 def tandem_in_flight(admin_port: int) -> int | None:
@@ -874,9 +925,13 @@ def run(args: argparse.Namespace, registry: ProcessRegistry) -> int:
     RESULTS_DIR.mkdir(exist_ok=True)
     run_dir = RESULTS_DIR / f"load-{stamp}"
     run_dir.mkdir()
+    binaries, digests = pin_binaries(binaries, run_dir)
+    versions = collect_versions(tools, binaries)
+    versions["source"] = source_revision()
+    versions["binaries (SHA-256 prefix)"] = ", ".join(f"{name} {digest}" for name, digest in digests.items())
     meta = {
         "started": started.isoformat(timespec="seconds"),
-        "versions": collect_versions(tools, binaries),
+        "versions": versions,
         "parameters": {
             "duration_s": args.duration,
             "warmup_s": args.warmup,
@@ -912,6 +967,9 @@ def run(args: argparse.Namespace, registry: ProcessRegistry) -> int:
     md_path.write_text(report)
     print("\n" + report)
     print(f"wrote {json_path} and {md_path}")
+    # The pinned copies are large because of debug info, and the digests in
+    # the report identify them.
+    shutil.rmtree(run_dir / "bin", ignore_errors=True)
     return 0
 
 
