@@ -286,13 +286,7 @@ impl Config {
                 "an address different from outbound.listen",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|_| {
-            invalid(
-                "log.level",
-                &self.log.level,
-                "a tracing filter such as info, debug or tandem=debug,warn",
-            )
-        })?;
+        validate_log_filter("log.level", &self.log.level)?;
 
         let mut names = std::collections::HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
@@ -536,9 +530,48 @@ fn validate_secondary_url(field: &str, value: &str) -> Result<(), ConfigError> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(invalid(field, value, expected));
     }
+    let authority = uri.authority().expect("a URL with a host has an authority");
+    if authority.as_str().contains('@') {
+        return Err(invalid(
+            field,
+            value,
+            "a URL without user:password@; copies carry the client's own Authorization header",
+        ));
+    }
+    // `Authority::port` is `None` for a port that does not fit in u16, so the
+    // text after the last colon is checked instead (an IPv6 host ends in `]`).
+    if let Some((_, port)) = authority.as_str().rsplit_once(':') {
+        let in_range = port.parse::<u16>().is_ok_and(|port| port > 0);
+        if !port.contains(']') && !in_range {
+            return Err(invalid(field, value, "a URL whose port is from 1 to 65535"));
+        }
+    }
     if uri.query().is_some() {
         return Err(invalid(field, value, "a URL without a query string"));
     }
+    Ok(())
+}
+
+/// Checks a `tracing` filter. `EnvFilter` takes a bare word such as
+/// `warning` as a target name, which would silently turn off every log
+/// line, so each directive must be a level or `target=level`.
+fn validate_log_filter(field: &str, value: &str) -> Result<(), ConfigError> {
+    let expected = "a level (trace, debug, info, warn, error, off) or target=level \
+                    directives separated by commas, such as info or warn,tandem=debug";
+    for directive in value.split(',').map(str::trim) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            Some(_) => return Err(invalid(field, value, expected)),
+            None => directive,
+        };
+        if level
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_err()
+        {
+            return Err(invalid(field, value, expected));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(value).map_err(|_| invalid(field, value, expected))?;
     Ok(())
 }
 

@@ -103,24 +103,44 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // are written to the spool, so the counts printed below are final.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     if options.keep_running {
-        print_report(&[healthy, slow], &metrics.encode(), &spool_dir);
+        print_report(&[healthy, slow], &metrics.encode());
+        print_spool_commands(&spool_dir);
         println!("  metrics            http://{admin}/metrics");
         println!("  the proxy keeps running; press Ctrl-C to stop");
         tokio::signal::ctrl_c().await?;
         proxy.shutdown().await;
     } else {
         proxy.shutdown().await;
-        print_report(&[healthy, slow], &metrics.encode(), &spool_dir);
+        print_report(&[healthy, slow], &metrics.encode());
         println!("  metrics            http://{admin}/metrics (served while the demo runs; try --keep-running)");
+    }
+    // The dead letters name the demo's secondary, whose port is gone once
+    // the demo exits, so replaying them later would send them to whatever
+    // listens there then.
+    if let Err(error) = std::fs::remove_dir_all(&spool_dir) {
+        tracing::warn!(%error, dir = %spool_dir.display(), "failed to remove the demo spool");
     }
     Ok(())
 }
 
-fn print_report(phases: &[PhaseReport], metrics: &str, spool_dir: &std::path::Path) {
+fn print_report(phases: &[PhaseReport], metrics: &str) {
     print_summary(phases);
     let samples = parse_metrics(metrics);
     print_mirror_counters(&samples);
-    print_fanout_counters(&samples, spool_dir);
+    print_fanout_counters(&samples);
+    println!();
+    println!("  The proxy's counters include copies that arrived after the traffic stopped,");
+    println!("  so they can exceed the copies counted per phase above.");
+    println!();
+}
+
+/// Prints how to inspect and replay the demo's dead letters while its
+/// secondary still runs.
+fn print_spool_commands(spool_dir: &std::path::Path) {
+    let dir = spool_dir.display();
+    println!("  list the dead letters:   tandem dlq list --spool-dir {dir}");
+    println!("  send them again:         tandem dlq replay --spool-dir {dir}");
+    println!("  (the spool is removed when the demo exits)");
     println!();
 }
 
@@ -481,8 +501,8 @@ fn print_mirror_counters(samples: &[Sample]) {
     );
 }
 
-/// Prints the fan-out counters and where the dead letters went.
-fn print_fanout_counters(samples: &[Sample], spool_dir: &std::path::Path) {
+/// Prints the fan-out counters.
+fn print_fanout_counters(samples: &[Sample]) {
     let mode = [("mode", "fanout")];
     let route = [("route", "payments-audit")];
     let due = sum(samples, "tandem_dispatch_due_total", &mode);
@@ -507,11 +527,6 @@ fn print_fanout_counters(samples: &[Sample], spool_dir: &std::path::Path) {
         println!("    every copy is accounted for: delivered + dead-lettered + shed = due");
     } else {
         println!("    {} copies are not settled yet", due - accounted);
-    }
-    if dead.values().any(|count| *count > 0.0) {
-        let dir = spool_dir.display();
-        println!("    list the dead letters:   tandem dlq list --spool-dir {dir}");
-        println!("    send them again:         tandem dlq replay --spool-dir {dir}");
     }
 }
 

@@ -218,7 +218,11 @@ async fn replay_dir(
             }
             Ok(Err(error)) => {
                 totals.failed += 1;
-                writeln!(out, "failed {what}: {error:#}; the record stays")?;
+                writeln!(
+                    out,
+                    "failed {what}: {}; the record stays",
+                    crate::errors::chain_message(&error)
+                )?;
             }
             Err(_) => {
                 totals.failed += 1;
@@ -324,6 +328,13 @@ fn header_map(pairs: &[(String, Vec<u8>)]) -> anyhow::Result<HeaderMap> {
 /// Opens the spool of `dir`; `None` (after a note on `err`) when the
 /// directory has no spool file yet.
 fn open_spool(dir: &Path, err: &mut impl Write) -> anyhow::Result<Option<SpoolReader>> {
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "spool directory {} not found: check --spool-dir, or spool_dir in the config's \
+             fanout routes",
+            dir.display()
+        );
+    }
     let path = spool_path(dir);
     if !path.exists() {
         writeln!(err, "tandem: no spool file in {}", dir.display())?;

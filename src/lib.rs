@@ -6,6 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod dlq;
+pub mod errors;
 pub mod proxy;
 pub mod readiness;
 pub mod routes;

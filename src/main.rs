@@ -147,7 +147,7 @@ fn dlq(workers: Option<u16>, command: DlqCommand) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(error) => {
-                eprintln!("tandem: {error:#}");
+                eprintln!("tandem: {}", tandem::errors::chain_message(&error));
                 ExitCode::FAILURE
             }
         },
@@ -169,7 +169,7 @@ fn dlq(workers: Option<u16>, command: DlqCommand) -> ExitCode {
                 );
                 if totals.failed > 0 {
                     anyhow::bail!(
-                        "{} records were not delivered and stay in the spool",
+                        "{} of the selected records were not delivered and stay in the spool",
                         totals.failed
                     );
                 }
@@ -248,8 +248,8 @@ fn run(
     match runtime.block_on(main) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "exiting");
-            eprintln!("tandem: {error:#}");
+            tracing::error!(error = tandem::errors::chain_message(&error), "exiting");
+            eprintln!("tandem: {}", tandem::errors::chain_message(&error));
             ExitCode::FAILURE
         }
     }

@@ -88,6 +88,16 @@ fn invalid_values_name_field() {
         ("outbound: {max_request_header_bytes: 10}", "outbound.max_request_header_bytes"),
         ("outbound: {idle_timeout: 0s}", "outbound.idle_timeout"),
         ("log: {level: 'info,,=x['}", "log.level"),
+        ("log: {level: warning}", "log.level"),
+        ("log: {level: 'tandem=loud'}", "log.level"),
+        (
+            "routes: [{name: a, mirror: {to: 'http://127.0.0.1:99999'}}]",
+            "routes[0].mirror.to",
+        ),
+        (
+            "routes: [{name: a, mirror: {to: 'http://user:secret@127.0.0.1:9090'}}]",
+            "routes[0].mirror.to",
+        ),
     ];
     for (yaml, field) in cases {
         let error = error_of(yaml);
@@ -302,4 +312,15 @@ fn route_with_two_modes_is_rejected() {
     assert!(error.contains("routes[0]"), "{error}");
     assert!(error.contains("\"both\""), "{error}");
     assert!(error.contains("exactly one"), "{error}");
+}
+
+#[test]
+fn log_filters_accept_levels_and_targets() {
+    for level in ["info", "WARN", "debug,hyper=warn", "tandem=trace", "off"] {
+        let yaml = format!("log: {{level: '{level}'}}");
+        assert!(
+            Config::from_yaml(&yaml).is_ok(),
+            "{level} is a valid filter"
+        );
+    }
 }

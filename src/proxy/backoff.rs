@@ -37,24 +37,31 @@ impl ConnectBackoff {
     }
 
     /// Records a failed connection attempt and extends the backoff.
-    pub fn record_failure(&self, now: Instant) {
+    /// Returns true when this failure starts an outage, so callers can log
+    /// the change once instead of once per copy.
+    pub fn record_failure(&self, now: Instant) -> bool {
         let mut state = self.state.lock().expect("backoff lock is never poisoned");
         if state.retry_at.is_some_and(|at| now < at) {
             // Copies that were already in flight fail together; one outage
             // extends the backoff once.
-            return;
+            return false;
         }
+        let started = state.retry_at.is_none();
         let backoff = state.next.max(INITIAL_BACKOFF);
         state.retry_at = Some(now + backoff);
         state.next = (backoff * 2).min(MAX_BACKOFF);
+        started
     }
 
-    /// Records a successful connection and clears the backoff.
-    pub fn record_success(&self) {
+    /// Records a successful connection and clears the backoff. Returns true
+    /// when this ends an outage.
+    pub fn record_success(&self) -> bool {
         let mut state = self.state.lock().expect("backoff lock is never poisoned");
-        if state.retry_at.is_some() || !state.next.is_zero() {
+        let recovered = state.retry_at.is_some();
+        if recovered {
             *state = State::default();
         }
+        recovered
     }
 }
 
@@ -68,12 +75,15 @@ mod tests {
         let start = Instant::now();
         assert!(!backoff.is_backing_off(start), "no failure yet");
 
-        backoff.record_failure(start);
+        assert!(
+            backoff.record_failure(start),
+            "the first failure starts an outage"
+        );
         assert!(backoff.is_backing_off(start + Duration::from_millis(99)));
         assert!(!backoff.is_backing_off(start + Duration::from_millis(100)));
 
         let second = start + Duration::from_millis(100);
-        backoff.record_failure(second);
+        assert!(!backoff.record_failure(second), "the outage goes on");
         assert!(backoff.is_backing_off(second + Duration::from_millis(199)));
         assert!(!backoff.is_backing_off(second + Duration::from_millis(200)));
 
@@ -102,7 +112,8 @@ mod tests {
         let backoff = ConnectBackoff::default();
         let start = Instant::now();
         backoff.record_failure(start);
-        backoff.record_success();
+        assert!(backoff.record_success(), "a success ends the outage");
         assert!(!backoff.is_backing_off(start));
+        assert!(!backoff.record_success(), "no outage to end");
     }
 }

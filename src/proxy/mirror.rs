@@ -181,6 +181,18 @@ impl MirrorTarget {
         }
     }
 
+    /// Starts or extends the connect backoff, logging once per outage
+    /// rather than once per copy.
+    fn record_connect_failure(&self) {
+        if self.backoff.record_failure(Instant::now()) {
+            tracing::warn!(
+                route = %self.route.name,
+                secondary = %self.secondary.url,
+                "secondary is unreachable; copies are shed as unavailable until a retry connects"
+            );
+        }
+    }
+
     async fn resolve(&self) -> Result<std::net::SocketAddr, ShedReason> {
         self.secondary.resolve().await.map_err(|error| {
             tracing::debug!(%error, secondary = %self.secondary.url, "failed to resolve the secondary");
@@ -386,7 +398,7 @@ async fn deliver(
     let addr = target
         .resolve()
         .await
-        .inspect_err(|_| target.backoff.record_failure(Instant::now()))?;
+        .inspect_err(|_| target.record_connect_failure())?;
     let request = target.build_request(&head, body);
     let endpoint = target
         .secondary
@@ -394,13 +406,15 @@ async fn deliver(
     let response = client.send(&endpoint, request).await.map_err(|error| {
         tracing::debug!(%error, "mirror request failed");
         if error.is_connect() {
-            target.backoff.record_failure(Instant::now());
+            target.record_connect_failure();
             ShedReason::ConnectFailed
         } else {
             ShedReason::UpstreamError
         }
     })?;
-    target.backoff.record_success();
+    if target.backoff.record_success() {
+        tracing::info!(route = %target.route.name, secondary = %target.secondary.url, "secondary is reachable again");
+    }
     let (parts, body) = response.into_parts();
     // Reading the body to its end lets the connection go back to the pool.
     // A body that fails midway still counts as delivered, because the

@@ -251,7 +251,7 @@ impl Proxy {
         if drained {
             tracing::info!("drained");
         } else {
-            tracing::warn!("drain timeout passed with requests still in flight");
+            tracing::warn!("drain timeout passed with requests or copies still in flight");
         }
         drained
     }
