@@ -413,8 +413,9 @@ struct Sample {
     value: f64,
 }
 
-/// Parses the proxy's own `/metrics` text. Label values in it never contain
-/// commas or quotes, because they are route names, modes and reasons.
+/// Parses the demo proxy's `/metrics` text. Its label values contain no
+/// commas or quotes: they are route names, modes, reasons and the demo
+/// secondary's URL.
 fn parse_metrics(text: &str) -> Vec<Sample> {
     let mut samples = Vec::new();
     for line in text.lines().filter(|line| !line.starts_with('#')) {

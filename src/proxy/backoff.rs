@@ -3,7 +3,7 @@
 //! Without it, a dead secondary costs one connection attempt per copy, which
 //! at thousands of copies per second takes CPU from the primary path. After a
 //! failed connection attempt, copies are shed without trying until a backoff
-//! passes; the backoff doubles on each further failure up to a cap, and the
+//! passes. The backoff doubles on each further failure up to a cap, and the
 //! first copy after it expires probes the secondary again.
 
 use std::{
