@@ -57,12 +57,14 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
+    #[serde(with = "socket_addr")]
     pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboundConfig {
+    #[serde(with = "socket_addr")]
     pub listen: SocketAddr,
     /// `host:port` used when a connection has no original destination and
     /// the request is not in absolute form.
@@ -573,6 +575,43 @@ fn validate_log_filter(field: &str, value: &str) -> Result<(), ConfigError> {
     }
     tracing_subscriber::EnvFilter::try_new(value).map_err(|_| invalid(field, value, expected))?;
     Ok(())
+}
+
+/// Serde support for listen addresses, with an error that shows the value.
+mod socket_addr {
+    use std::{fmt, net::SocketAddr};
+
+    use serde::{
+        de::{Error, Visitor},
+        Deserializer, Serializer,
+    };
+
+    pub fn serialize<S: Serializer>(value: &SocketAddr, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+        deserializer.deserialize_str(SocketAddrVisitor)
+    }
+
+    struct SocketAddrVisitor;
+
+    impl Visitor<'_> for SocketAddrVisitor {
+        type Value = SocketAddr;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an IP address and port such as 127.0.0.1:4140")
+        }
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<SocketAddr, E> {
+            text.parse().map_err(|_| {
+                E::custom(format!(
+                    "invalid address {text:?}: expected an IP address and port such as \
+                     127.0.0.1:4140 or [::]:4143 (host names are not accepted)"
+                ))
+            })
+        }
+    }
 }
 
 /// Serde support for durations written as `500ms`, `2s` or `1m`.

@@ -324,3 +324,11 @@ fn log_filters_accept_levels_and_targets() {
         );
     }
 }
+
+#[test]
+fn bad_listen_address_shows_value() {
+    let error = error_of("outbound: {listen: 'localhost:4140'}");
+    assert!(error.contains("outbound.listen"), "{error}");
+    assert!(error.contains("\"localhost:4140\""), "{error}");
+    assert!(error.contains("127.0.0.1:4140"), "{error}");
+}
