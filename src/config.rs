@@ -48,10 +48,22 @@ pub struct Config {
     pub admin: AdminConfig,
     pub outbound: OutboundConfig,
     pub routes: Vec<RouteConfig>,
+    pub tls: TlsConfig,
     pub log: LogConfig,
     /// Time in-flight primary requests get to finish after SIGTERM.
     #[serde(with = "duration")]
     pub drain_timeout: Duration,
+}
+
+/// TLS settings for connections to `https://` secondaries.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file of CA certificates trusted for `https://` secondaries in
+    /// addition to the Mozilla root store, for secondaries with certificates
+    /// from a private CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secondary_trusted_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,6 +193,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             outbound: OutboundConfig::default(),
             routes: Vec::new(),
+            tls: TlsConfig::default(),
             log: LogConfig::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
@@ -289,6 +302,7 @@ impl Config {
             ));
         }
         validate_log_filter("log.level", &self.log.level)?;
+        self.tls.secondary_roots()?;
 
         let mut names = std::collections::HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
@@ -303,6 +317,47 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+// === impl TlsConfig ===
+
+impl TlsConfig {
+    /// Reads the extra trust roots for secondaries; empty without a file.
+    pub fn secondary_roots(
+        &self,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+
+        let Some(path) = &self.secondary_trusted_ca else {
+            return Ok(Vec::new());
+        };
+        let field = "tls.secondary_trusted_ca";
+        let shown = path.display().to_string();
+        let text = std::fs::read(path).map_err(|error| {
+            invalid(
+                field,
+                &shown,
+                &format!("a readable PEM file of CA certificates ({error})"),
+            )
+        })?;
+        let roots = CertificateDer::pem_slice_iter(&text)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| {
+                invalid(
+                    field,
+                    &shown,
+                    &format!("a PEM file of CA certificates ({error})"),
+                )
+            })?;
+        if roots.is_empty() {
+            return Err(invalid(
+                field,
+                &shown,
+                "a PEM file with at least one CERTIFICATE block",
+            ));
+        }
+        Ok(roots)
     }
 }
 

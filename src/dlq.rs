@@ -43,6 +43,9 @@ pub struct ReplayOptions {
     /// Timeout of one re-sent request, response body included.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// Extra trust roots for `https://` secondaries, beyond the Mozilla
+    /// root store.
+    pub trusted_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Counts of one command run.
@@ -148,7 +151,10 @@ pub async fn replay(
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> anyhow::Result<Totals> {
-    let client = Client::new(options.connect_timeout, &client::tls_config(&[]));
+    let client = Client::new(
+        options.connect_timeout,
+        &client::tls_config(&options.trusted_roots),
+    );
     let mut totals = Totals::default();
     for dir in dirs {
         replay_dir(dir, filter, options, &client, &mut totals, out, err).await?;

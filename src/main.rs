@@ -83,7 +83,8 @@ struct SpoolArgs {
     #[arg(long = "spool-dir", value_name = "DIR")]
     spool_dirs: Vec<PathBuf>,
     /// Config file whose fanout routes name the spool directories, used
-    /// when no --spool-dir is given.
+    /// when no --spool-dir is given. Replay also trusts its
+    /// tls.secondary_trusted_ca.
     #[arg(long, env = "TANDEM_CONFIG")]
     config: Option<PathBuf>,
     /// Only records of this route.
@@ -152,11 +153,21 @@ fn dlq(workers: Option<u16>, command: DlqCommand) -> ExitCode {
             }
         },
         DlqCommand::Replay {
-            dry_run, timeout, ..
+            dry_run,
+            timeout,
+            spool,
         } => {
+            let trusted_roots = match replay_trusted_roots(&spool) {
+                Ok(roots) => roots,
+                Err(error) => {
+                    eprintln!("tandem: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let options = tandem::dlq::ReplayOptions {
                 dry_run,
                 timeout,
+                trusted_roots,
                 connect_timeout: tandem::config::DEFAULT_CONNECT_TIMEOUT,
             };
             let replayed = run(workers, async move {
@@ -181,6 +192,16 @@ fn dlq(workers: Option<u16>, command: DlqCommand) -> ExitCode {
 }
 
 /// Resolves the spool directories and the record filter of a dlq command.
+/// Reads the extra trust roots of the config named by --config, if any.
+fn replay_trusted_roots(
+    args: &SpoolArgs,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, tandem::config::ConfigError> {
+    match &args.config {
+        Some(path) => Config::load(Some(path))?.tls.secondary_roots(),
+        None => Ok(Vec::new()),
+    }
+}
+
 fn spool_selection(args: &SpoolArgs) -> Result<(Vec<PathBuf>, tandem::dlq::Filter), String> {
     let dirs = if !args.spool_dirs.is_empty() {
         args.spool_dirs.clone()

@@ -68,6 +68,8 @@ pub enum StartError {
     },
     #[error("invalid outbound.default_target {0:?}")]
     DefaultTarget(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("failed to open the dead-letter spool: {0}")]
     Spool(#[from] SpoolError),
 }
@@ -85,7 +87,7 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
         .expect("a bound listener has an address");
 
     let metrics = Metrics::new();
-    let tls = client::tls_config(&[]);
+    let tls = client::tls_config(&config.tls.secondary_roots()?);
     let client = Client::new(config.outbound.connect_timeout, &tls);
     let connections = TaskTracker::new();
     let copies = TaskTracker::new();
