@@ -18,11 +18,13 @@ use tandem::config::Config;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Finds the admin address in the proxy's plain-text "listening" log line.
-fn admin_addr_in_log(log: &str) -> Option<SocketAddr> {
+/// Finds the address of `listener` in the proxy's plain-text "listening"
+/// log line.
+fn listener_addr_in_log(log: &str, listener: &str) -> Option<SocketAddr> {
+    let marker = format!("listener=\"{listener}\"");
     let line = log
         .lines()
-        .find(|line| line.contains("listening") && line.contains("listener=\"admin\""))?;
+        .find(|line| line.contains("listening") && line.contains(&marker))?;
     let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
     addr.parse().ok()
 }
@@ -38,12 +40,13 @@ struct ProxyProcess {
     child: Child,
     log: PathBuf,
     admin: SocketAddr,
+    outbound: SocketAddr,
 }
 
 impl ProxyProcess {
-    /// Starts the proxy with an admin listener on an ephemeral port, read
-    /// back from its log. A port picked by the test could be taken by
-    /// another test between the first proxy's exit and the restart.
+    /// Starts the proxy with its listeners on ephemeral ports, read back
+    /// from its log. A port picked by the test could be taken by another
+    /// test before the proxy binds it, or between a stop and a restart.
     async fn start(config: &Path, log: PathBuf) -> ProxyProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args(["proxy", "--config"])
@@ -57,14 +60,19 @@ impl ProxyProcess {
             child,
             log,
             admin: "0.0.0.0:0".parse().unwrap(),
+            outbound: "0.0.0.0:0".parse().unwrap(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = process.child.try_wait().unwrap() {
                 panic!("tandem exited with {status}: {}", process.log_text());
             }
-            if let Some(admin) = admin_addr_in_log(&process.log_text()) {
+            let log = process.log_text();
+            let admin = listener_addr_in_log(&log, "admin");
+            let outbound = listener_addr_in_log(&log, "outbound");
+            if let (Some(admin), Some(outbound)) = (admin, outbound) {
                 process.admin = admin;
+                process.outbound = outbound;
                 if admin_get(admin, "/ready").await.0 == 200 {
                     return process;
                 }
@@ -156,14 +164,17 @@ async fn list(dir: &Path, extra: &[&str]) -> Vec<BTreeMap<String, String>> {
 async fn sigterm_backlog_survives_restart_and_replays() {
     bounded(async {
         let primary = TestServer::start(handler(|_, _| Reply::status(200))).await;
-        let secondary_addr = unused_addr().await;
-        let never_up = unused_addr().await;
-        let outbound = unused_addr().await;
+        // Both ports stay reserved until both are picked, so they differ.
+        let secondary_reserved = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let never_up_reserved = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let secondary_addr = secondary_reserved.local_addr().unwrap();
+        let never_up = never_up_reserved.local_addr().unwrap();
+        drop((secondary_reserved, never_up_reserved));
 
         let dir = TempDir::new("dlq-restart");
         let spool = dir.path().join("spool");
         let yaml = format!(
-            "outbound: {{listen: '{outbound}', default_target: '{primary}'}}
+            "outbound: {{listen: '127.0.0.1:0', default_target: '{primary}'}}
 admin: {{listen: '127.0.0.1:0'}}
 drain_timeout: 1s
 routes:
@@ -190,6 +201,7 @@ routes:
         // A backlog of copies retrying against a secondary that is down.
         let first = ProxyProcess::start(&config, dir.path().join("first.log")).await;
         let admin = first.admin;
+        let outbound = first.outbound;
         let mut sent = BTreeSet::new();
         for i in 0..20u64 {
             let body = random_body(1_000 + 97 * i as usize, i);
@@ -232,6 +244,7 @@ routes:
 
         // A restart keeps the spool as it was.
         let second = ProxyProcess::start(&config, dir.path().join("second.log")).await;
+        let outbound = second.outbound;
         assert_eq!(list(&spool, &[]).await.len(), 20);
 
         // Replay while the second proxy runs and writes the same spool.
