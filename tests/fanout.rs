@@ -597,6 +597,82 @@ async fn full_queue_spools_copies() {
     .await;
 }
 
+#[tokio::test]
+async fn queued_body_budget_spools_copies() {
+    bounded(async {
+        let primary = primary().await;
+        let secondary = TestServer::start(handler(|_, _| Reply::Hang)).await;
+        let spool = TempDir::new("fanout-budget");
+        let proxy = start_proxy(
+            &primary,
+            &[secondary.url()],
+            spool.path(),
+            "      timeout: 30s
+      queue_capacity: 100
+      max_in_flight: 1
+      max_body_bytes: 1048576
+      max_queued_body_bytes: 2097152",
+        )
+        .await;
+
+        // Each body is 600 KiB. The copy in flight and the two queued ones
+        // take 1.8 MiB of the 2 MiB budget, so the fourth and fifth copies
+        // go to the spool although the queue has room.
+        let body = vec![b'x'; 600 * 1024];
+        send(
+            proxy.outbound_addr(),
+            "POST",
+            "/orders/0",
+            &[],
+            body.clone(),
+        )
+        .await;
+        secondary.wait_for(1).await;
+        for i in 1..5 {
+            let answer = send(
+                proxy.outbound_addr(),
+                "POST",
+                &format!("/orders/{i}"),
+                &[],
+                body.clone(),
+            )
+            .await;
+            assert_eq!(
+                answer.status, 200,
+                "the primary answers whatever the budget holds"
+            );
+        }
+        wait_until("queue_full dead letters from the memory budget", || {
+            metric(
+                &metrics(&proxy),
+                "tandem_fanout_dead_lettered_total",
+                &[("reason", "queue_full")],
+            ) == 2.0
+        })
+        .await;
+        let text = metrics(&proxy);
+        assert_eq!(
+            metric(&text, "tandem_fanout_queue_depth", &[("route", "audit")]),
+            2.0,
+            "two copies wait in the queue within the budget"
+        );
+
+        proxy_shutdown_and_check(proxy).await;
+        let records = spool_records(spool.path());
+        assert_eq!(
+            records.len(),
+            5,
+            "every copy ends in the spool: {records:?}"
+        );
+        assert!(
+            records.iter().all(|r| r.body_len == 600 * 1024),
+            "every record keeps the whole body"
+        );
+        secondary.release();
+    })
+    .await;
+}
+
 async fn proxy_shutdown_and_check(proxy: Proxy) {
     let metrics = proxy.metrics().clone();
     let drained = proxy.shutdown().await;

@@ -18,6 +18,9 @@ pub const DEFAULT_FANOUT_QUEUE_CAPACITY: usize = 10_000;
 /// back-off waits included.
 pub const DEFAULT_FANOUT_MAX_IN_FLIGHT: usize = 64;
 pub const DEFAULT_FANOUT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Memory that the in-memory bodies of one route's pending copies may take
+/// together: 16 bodies at the default `max_body_bytes`.
+pub const DEFAULT_FANOUT_MAX_QUEUED_BODY_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/tandem/spool";
 pub const DEFAULT_SPOOL_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_COMPARE_SAMPLE_DIFFS_PER_MINUTE: u32 = 10;
@@ -53,6 +56,12 @@ pub struct FanoutConfig {
     /// are written to a file in `spool_dir` while the primary streams.
     #[serde(default = "default_fanout_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Memory that the in-memory bodies of this route's queued and in-flight
+    /// copies may take together. A copy that would pass it goes to the
+    /// dead-letter spool with reason `queue_full`, so a slow secondary cannot
+    /// make the proxy hold `queue_capacity` full bodies.
+    #[serde(default = "default_fanout_max_queued_body_bytes")]
+    pub max_queued_body_bytes: u64,
     /// Directory of the dead-letter spool and of large bodies awaiting
     /// delivery. Routes may share one.
     #[serde(default = "default_spool_dir")]
@@ -168,6 +177,13 @@ impl FanoutConfig {
             if value == 0 {
                 return Err(invalid(&format!("{at}.{field}"), "0", "at least 1"));
             }
+        }
+        if self.max_queued_body_bytes < self.max_body_bytes as u64 {
+            return Err(invalid(
+                &format!("{at}.max_queued_body_bytes"),
+                &self.max_queued_body_bytes.to_string(),
+                &format!("at least max_body_bytes ({})", self.max_body_bytes),
+            ));
         }
         if self.spool_dir.as_os_str().is_empty() {
             return Err(invalid(
@@ -358,6 +374,10 @@ fn default_fanout_max_in_flight() -> usize {
 
 fn default_fanout_max_body_bytes() -> usize {
     DEFAULT_FANOUT_MAX_BODY_BYTES
+}
+
+fn default_fanout_max_queued_body_bytes() -> u64 {
+    DEFAULT_FANOUT_MAX_QUEUED_BODY_BYTES
 }
 
 fn default_spool_dir() -> PathBuf {

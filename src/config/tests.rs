@@ -89,6 +89,10 @@ fn invalid_values_name_field() {
         ("outbound: {idle_timeout: 0s}", "outbound.idle_timeout"),
         ("log: {level: 'info,,=x['}", "log.level"),
         ("log: {level: warning}", "log.level"),
+        (
+            "routes: [{name: a, fanout: {to: ['http://x:1'], max_body_bytes: 100, max_queued_body_bytes: 10}}]",
+            "routes[0].fanout.max_queued_body_bytes",
+        ),
         ("log: {level: 'tandem=loud'}", "log.level"),
         (
             "routes: [{name: a, mirror: {to: 'http://127.0.0.1:99999'}}]",

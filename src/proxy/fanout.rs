@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Instant, SystemTime},
@@ -117,6 +117,9 @@ struct RouteContext {
     metrics: Metrics,
     client: Client,
     shared: Arc<Shared>,
+    /// Bytes of in-memory bodies held by this route's pending copies,
+    /// bounded by `max_queued_body_bytes`.
+    queued_body_bytes: Arc<AtomicU64>,
 }
 
 struct Queue {
@@ -134,6 +137,38 @@ struct Secondary {
 struct CopyBody {
     data: BodyData,
     trailers: Option<HeaderMap>,
+    /// The in-memory body's share of `max_queued_body_bytes`; `None` for a
+    /// body on disk or before the copies are queued.
+    queued: Option<QueuedBytes>,
+}
+
+/// Bytes of a body counted against the route's `max_queued_body_bytes`,
+/// released when the last copy that shares the body is done with it.
+struct QueuedBytes {
+    counter: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl QueuedBytes {
+    /// Counts `bytes` against `limit`, or returns `None` when they do not
+    /// fit.
+    fn reserve(counter: &Arc<AtomicU64>, bytes: u64, limit: u64) -> Option<Self> {
+        let previous = counter.fetch_add(bytes, Ordering::AcqRel);
+        if previous + bytes > limit {
+            counter.fetch_sub(bytes, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self {
+            counter: Arc::clone(counter),
+            bytes,
+        })
+    }
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 enum BodyData {
@@ -240,6 +275,7 @@ impl Fanout {
                 shared: Arc::clone(&shared),
                 name: name.clone(),
                 config,
+                queued_body_bytes: Arc::new(AtomicU64::new(0)),
             });
             let mut queues = Vec::new();
             for url in &ctx.config.to {
@@ -352,6 +388,18 @@ impl FanoutRoute {
         due.reason = None;
         let body_len = body.len();
         let has_trailers = body.trailers.is_some();
+        // Bodies on disk take no memory; in-memory ones count against the
+        // route's budget for as long as any copy holds them.
+        let mut body = body;
+        let mut over_budget = false;
+        if let BodyData::Memory(_) = body.data {
+            body.queued = QueuedBytes::reserve(
+                &self.ctx.queued_body_bytes,
+                body_len,
+                self.ctx.config.max_queued_body_bytes,
+            );
+            over_budget = body.queued.is_none();
+        }
         let body = Arc::new(body);
         let key_text = String::from_utf8_lossy(idempotency_key.as_bytes()).into_owned();
         for queue in &self.queues {
@@ -379,7 +427,11 @@ impl FanoutRoute {
                 settled: false,
                 _outstanding: Outstanding::new(&self.ctx.shared),
             };
-            self.dispatch(queue, copy);
+            if over_budget {
+                copy.dead_letter(DeadLetterReason::QueueFull);
+            } else {
+                self.dispatch(queue, copy);
+            }
         }
     }
 

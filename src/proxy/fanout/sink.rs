@@ -166,6 +166,7 @@ impl CopySink for FanoutSink {
                 let body = CopyBody {
                     data: BodyData::Memory(chunks),
                     trailers: this.trailers.take(),
+                    queued: None,
                 };
                 let head = this
                     .head
@@ -244,6 +245,7 @@ impl SpillJob {
                 let body = CopyBody {
                     data: BodyData::File(Arc::new(BodyFile::new(self.path, len))),
                     trailers,
+                    queued: None,
                 };
                 self.route.enqueue(
                     self.head,
