@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Request, StatusCode, Version};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
@@ -36,7 +36,7 @@ use super::{
     compare::{CompareJob, ResponseTap},
     metrics::{Metrics, ShedReason},
     secondary::{BodyShape, RequestHead, SecondaryUrl},
-    target::{BoxFuture, MatchedRoute, RouteTarget},
+    target::{content_length, BoxFuture, MatchedRoute, RouteTarget},
 };
 use crate::{
     config::MirrorConfig,
@@ -635,15 +635,6 @@ fn trace_id_low_bits(value: &HeaderValue) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(&trace_id[16..], 16).ok()
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 #[cfg(test)]

@@ -335,7 +335,9 @@ fn request_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<Authority> 
         .and_then(|host| Authority::try_from(host.as_bytes()).ok())
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+/// Returns the declared `Content-Length`, or `None` when it is missing or
+/// not a number.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
