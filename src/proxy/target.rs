@@ -136,12 +136,15 @@ where
         let router = Arc::clone(&self.router);
         let started = Instant::now();
         let routed = router.route(request);
-        let (route_name, result) = match routed {
+        let (route, result) = match routed {
             Ok(request) => {
-                let name = route_label(&request);
-                (name, Ok(self.inner.call(request)))
+                let route = request
+                    .extensions()
+                    .get::<MatchedRoute>()
+                    .map(|matched| Arc::clone(&matched.route));
+                (route, Ok(self.inner.call(request)))
             }
-            Err(error) => (Arc::from(NO_ROUTE), Err(error)),
+            Err(error) => (None, Err(error)),
         };
 
         Box::pin(async move {
@@ -153,22 +156,16 @@ where
                 Ok(response) => response.status(),
                 Err(error) => error.status(),
             };
+            let route_name = route.as_ref().map_or(NO_ROUTE, |route| route.name.as_str());
             router
                 .metrics
-                .record_response(&route_name, "primary", status);
+                .record_response(route_name, "primary", status);
             router
                 .metrics
-                .latency(&route_name, "primary")
+                .latency(route_name, "primary")
                 .observe(started.elapsed().as_secs_f64());
             result
         })
-    }
-}
-
-fn route_label(request: &Request<BoxBody>) -> Arc<str> {
-    match request.extensions().get::<MatchedRoute>() {
-        Some(matched) => Arc::from(matched.route.name.as_str()),
-        None => Arc::from(NO_ROUTE),
     }
 }
 
