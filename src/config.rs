@@ -261,6 +261,7 @@ impl Config {
             self.drain_timeout = parse_env_duration(ENV_DRAIN_TIMEOUT, &v)?;
         }
         if let Some(v) = get(ENV_LOG) {
+            validate_log_filter(ENV_LOG, &v)?;
             self.log.level = v;
         }
         if let Some(v) = get(ENV_LOG_FORMAT) {
@@ -588,10 +589,13 @@ fn validate_secondary_url(field: &str, value: &str) -> Result<(), ConfigError> {
         return Err(invalid(field, value, expected));
     }
     let authority = uri.authority().expect("a URL with a host has an authority");
-    if authority.as_str().contains('@') {
+    if let Some((_, host)) = authority.as_str().rsplit_once('@') {
+        // The message shows the URL without its credentials, which would
+        // otherwise end up in terminals and CI logs.
+        let shown = value.replacen(authority.as_str(), &format!("***@{host}"), 1);
         return Err(invalid(
             field,
-            value,
+            &shown,
             "a URL without user:password@; copies carry the client's own Authorization header",
         ));
     }

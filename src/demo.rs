@@ -112,7 +112,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     } else {
         proxy.shutdown().await;
         print_report(&[healthy, slow], &metrics.encode());
-        println!("  metrics            http://{admin}/metrics (served while the demo runs; try --keep-running)");
+        println!("  metrics            were served at http://{admin}/metrics; --keep-running keeps them up");
     }
     // The dead letters name the demo's secondary, whose port is gone once
     // the demo exits, so replaying them later would send them to whatever

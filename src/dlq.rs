@@ -96,6 +96,17 @@ pub fn list(
     err: &mut impl Write,
 ) -> anyhow::Result<Totals> {
     let mut totals = Totals::default();
+    // A missing directory fails before anything is printed, so a script
+    // that reads the output never sees a header without records.
+    for dir in dirs {
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "spool directory {} not found: check --spool-dir, or spool_dir in the config's \
+                 fanout routes",
+                dir.display()
+            );
+        }
+    }
     writeln!(
         out,
         "TIME\tROUTE\tSECONDARY\tMETHOD\tURL\tREASON\tATTEMPTS\tSIZE\tIDEMPOTENCY-KEY\tLAST-ERROR"

@@ -161,7 +161,9 @@ impl FanoutConfig {
         for (i, url) in self.to.iter().enumerate() {
             let field = format!("{at}.to[{i}]");
             validate_secondary_url(&field, url)?;
-            if self.to[..i].contains(url) {
+            // `http://a:1` and `http://a:1/` name the same secondary.
+            let same = |other: &String| other.trim_end_matches('/') == url.trim_end_matches('/');
+            if self.to[..i].iter().any(same) {
                 return Err(invalid(&field, url, "a URL not listed twice"));
             }
         }

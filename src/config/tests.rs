@@ -336,3 +336,31 @@ fn bad_listen_address_shows_value() {
     assert!(error.contains("\"localhost:4140\""), "{error}");
     assert!(error.contains("127.0.0.1:4140"), "{error}");
 }
+
+#[test]
+fn url_credentials_not_echoed() {
+    let error = error_of("routes: [{name: a, mirror: {to: 'http://user:secret@127.0.0.1:9090'}}]");
+    assert!(
+        !error.contains("secret"),
+        "the password must not be shown: {error}"
+    );
+    assert!(error.contains("***@127.0.0.1:9090"), "{error}");
+}
+
+#[test]
+fn bad_log_env_names_variable() {
+    let mut config = Config::default();
+    let error = config
+        .apply_env(|name| (name == ENV_LOG).then(|| "warning".to_string()))
+        .expect_err("a filter without a level is rejected")
+        .to_string();
+    assert!(error.contains(ENV_LOG), "{error}");
+}
+
+#[test]
+fn fanout_duplicate_ignores_trailing_slash() {
+    let error = error_of(
+        "routes: [{name: a, fanout: {to: ['http://127.0.0.1:9191', 'http://127.0.0.1:9191/']}}]",
+    );
+    assert!(error.contains("routes[0].fanout.to[1]"), "{error}");
+}

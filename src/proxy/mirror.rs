@@ -183,11 +183,12 @@ impl MirrorTarget {
 
     /// Starts or extends the connect backoff, logging once per outage
     /// rather than once per copy.
-    fn record_connect_failure(&self) {
+    fn record_connect_failure(&self, error: &dyn std::fmt::Display) {
         if self.backoff.record_failure(Instant::now()) {
             tracing::warn!(
                 route = %self.route.name,
                 secondary = %self.secondary.url,
+                %error,
                 "secondary is unreachable; copies are shed as unavailable until a retry connects"
             );
         }
@@ -196,6 +197,7 @@ impl MirrorTarget {
     async fn resolve(&self) -> Result<std::net::SocketAddr, ShedReason> {
         self.secondary.resolve().await.map_err(|error| {
             tracing::debug!(%error, secondary = %self.secondary.url, "failed to resolve the secondary");
+            self.record_connect_failure(&error);
             ShedReason::ConnectFailed
         })
     }
@@ -395,10 +397,7 @@ async fn deliver(
     body: BufferedBody,
     read_limit: Option<usize>,
 ) -> Result<SecondaryResponse, ShedReason> {
-    let addr = target
-        .resolve()
-        .await
-        .inspect_err(|_| target.record_connect_failure())?;
+    let addr = target.resolve().await?;
     let request = target.build_request(&head, body);
     let endpoint = target
         .secondary
@@ -406,7 +405,7 @@ async fn deliver(
     let response = client.send(&endpoint, request).await.map_err(|error| {
         tracing::debug!(%error, "mirror request failed");
         if error.is_connect() {
-            target.record_connect_failure();
+            target.record_connect_failure(&error);
             ShedReason::ConnectFailed
         } else {
             ShedReason::UpstreamError
