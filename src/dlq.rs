@@ -97,7 +97,7 @@ pub fn list(
 ) -> anyhow::Result<Totals> {
     let mut totals = Totals::default();
     // A missing directory fails before anything is printed, so a script
-    // that reads the output never sees a header without records.
+    // that reads the output never gets a header without records.
     for dir in dirs {
         if !dir.is_dir() {
             anyhow::bail!(

@@ -388,8 +388,8 @@ impl FanoutRoute {
         due.reason = None;
         let body_len = body.len();
         let has_trailers = body.trailers.is_some();
-        // Bodies on disk take no memory; in-memory ones count against the
-        // route's budget for as long as any copy holds them.
+        // Bodies on disk take no memory. In-memory ones count against the
+        // route's budget for as long as any copy references them.
         let mut body = body;
         let mut over_budget = false;
         if let BodyData::Memory(_) = body.data {
