@@ -85,7 +85,7 @@ fn matching(c: &mut Criterion) {
 /// The tee layer in front of a service that reads the body and responds.
 /// "slots free" sends every copy to a secondary that refuses connections;
 /// "slots exhausted" has every slot held by copies to a secondary that
-/// never answers, so each new copy is shed as overloaded.
+/// never responds, so each new copy is shed as overloaded.
 fn tee(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -2,10 +2,11 @@
 //! and re-sending its records.
 //!
 //! Replay keeps `replay.lock` in the spool directory locked for its whole
-//! run, so two replays never overlap. It locks the spool file only while it reads
-//! the records and while it rewrites the file, so a running proxy keeps
-//! appending in between; the rewrite copies those appended records into the
-//! new file. Records are removed only after their secondary answered 2xx.
+//! run, so two replays never overlap. It locks the spool file only while it
+//! reads the records and while it rewrites the file, so a running proxy
+//! keeps appending in between. The rewrite copies those appended records
+//! into the new file. Records are removed only after their secondary
+//! responded with a 2xx status.
 
 use std::{
     fs::File,

@@ -116,10 +116,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 // === impl Client ===
 
 impl Client {
-    /// Returns a client with its own pool whose HTTP/1.1 connections read
-    /// into a fixed buffer of `bytes` instead of one that starts at 8 KiB and
-    /// grows. Meant for responses that are read only to be discarded, where
-    /// many idle connections would otherwise each keep the larger buffer.
+    /// Returns a client with its own pool. Its HTTP/1.1 connections read into
+    /// a fixed buffer of `bytes`, while hyper's default buffer starts at
+    /// 8 KiB and grows. Meant for responses that are read only to be
+    /// discarded, where many idle connections would each keep a larger buffer.
     pub fn with_read_buffer(
         connect_timeout: Duration,
         tls: &rustls::ClientConfig,

@@ -5,6 +5,10 @@
 //! that may wait for the lock `tandem dlq replay` holds while it rewrites
 //! the file. Callers hand letters over an unbounded channel, so they never
 //! wait for disk I/O.
+//!
+//! NOTE: the channel has no bound, so a disk slower than the rate of new
+//! dead letters grows memory until it catches up. Only letters whose write
+//! failed are capped, by `MAX_RETRY_BYTES`.
 
 use std::{
     collections::VecDeque,
